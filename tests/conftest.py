@@ -1,0 +1,35 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = str(ROOT / "conf")
+
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("WANDB_DISABLE_CODE", "true")
+
+
+@pytest.fixture
+def compose_cfg():
+    """Compose the real config with overrides, as `python -m train` would."""
+    from train.config import register
+
+    register()
+
+    def _compose(*overrides: str):
+        with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+            return compose("config", overrides=list(overrides))
+
+    return _compose
+
+
+def run_train(*overrides: str, run_dir: Path, timeout: int = 600, env: dict | None = None):
+    """`python -m train` in a subprocess; returns the CompletedProcess."""
+    cmd = [sys.executable, "-m", "train", f"hydra.run.dir={run_dir}", "trainer.enable_progress_bar=false",
+           *overrides]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})

@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from train.model import AttentionOnlyTransformer, ModelSpec, POSITIONAL_SCHEMES
+
+
+def make(**kw):
+    torch.manual_seed(0)
+    spec = ModelSpec(**{"n_layers": 2, "n_heads": 4, "d_model": 32, "d_head": 8, "n_ctx": 24, "d_vocab": 17, **kw})
+    return AttentionOnlyTransformer(spec).eval()
+
+
+@pytest.mark.parametrize("positional", POSITIONAL_SCHEMES)
+@pytest.mark.parametrize("extra", [{}, {"smeared_key": True}, {"d_mlp": 16}, {"layernorm": False}])
+def test_fused_equals_explicit_and_shapes(positional, extra):
+    model = make(positional=positional, **extra)
+    tokens = torch.randint(0, 17, (3, 24))
+    fused = model(tokens)
+    explicit, patterns = model(tokens, return_patterns=True)
+    assert fused.shape == (3, 24, 17)
+    torch.testing.assert_close(fused, explicit, atol=1e-5, rtol=1e-5)
+    assert len(patterns) == 2
+    for p in patterns:
+        assert p.shape == (3, 4, 24, 24)
+        torch.testing.assert_close(p.sum(-1), torch.ones(3, 4, 24))
+        assert torch.all(p.triu(1) == 0), "attention must be causal"
+
+
+def test_positions_reach_the_residual_stream_only_with_learned():
+    tokens = torch.full((1, 10), 5)  # the same token everywhere: only position can tell them apart
+    # Identical values everywhere: wherever a head attends, its output is the same, unless positions
+    # are added to the residual stream (learned). Shortformer and rotary touch queries and keys only.
+    for scheme in ("none", "shortformer", "rotary"):
+        out = make(positional=scheme, n_layers=1)(tokens)
+        torch.testing.assert_close(out[0, 0].expand(10, -1), out[0], msg=scheme)
+    out = make(positional="learned", n_layers=1)(tokens)
+    assert not torch.allclose(out[0, 0], out[0, -1])
+    # ... while their attention patterns do depend on position.
+    distinct = torch.arange(1, 11)[None]
+    for scheme in ("shortformer", "rotary"):
+        _, p = make(positional=scheme, n_layers=1)(distinct, return_patterns=True)
+        _, p_none = make(positional="none", n_layers=1)(distinct, return_patterns=True)
+        assert not torch.allclose(p[0], p_none[0]), scheme
+
+
+def test_shortformer_keeps_positions_out_of_values():
+    model = make(positional="shortformer", n_layers=1)
+    # A head whose query/key ignore positions entirely: zero the position embedding's effect by
+    # checking that changing W_pos changes patterns but not the value vectors (W_V sees tokens only).
+    tokens = torch.randint(1, 17, (2, 12))
+    _, p1 = model(tokens, return_patterns=True)
+    with torch.no_grad():
+        model.W_pos.add_(torch.randn_like(model.W_pos))
+    _, p2 = model(tokens, return_patterns=True)
+    assert not torch.allclose(p1[0], p2[0])
+    # With every pattern frozen to p1, the output no longer depends on W_pos.
+    from train.model import HeadEdit
+
+    a = model(tokens, edits={0: HeadEdit(pattern=p1[0])})
+    with torch.no_grad():
+        model.W_pos.zero_()
+    b = model(tokens, edits={0: HeadEdit(pattern=p1[0])})
+    torch.testing.assert_close(a, b)
+
+
+def test_smeared_key_mixes_previous_key_and_keeps_first():
+    model = make(smeared_key=True, n_layers=1)
+    attn = model.blocks[0].attn
+    k = torch.randn(2, 4, 6, 8)
+    with torch.no_grad():
+        attn.smear_alpha.copy_(torch.tensor([0.0, 100.0, -100.0, 1.0]))
+    s = attn.smear(k)
+    torch.testing.assert_close(s[:, :, 0], k[:, :, 0])
+    torch.testing.assert_close(s[:, 1], k[:, 1])  # sigmoid(100) = 1: no smearing
+    torch.testing.assert_close(s[:, 2, 1:], k[:, 2, :-1])  # sigmoid(-100) = 0: the previous key
+    torch.testing.assert_close(s[:, 0, 1:], 0.5 * k[:, 0, 1:] + 0.5 * k[:, 0, :-1])
+    assert attn.smear_alpha.requires_grad
+
+
+def test_head_edit_zeroing_a_head_changes_output():
+    model = make(n_layers=1)
+    tokens = torch.randint(0, 17, (2, 24))
+
+    def zero_head0(z):
+        z = z.clone()
+        z[:, 0] = 0
+        return z
+
+    base = model(tokens)
+    edited = model(tokens, edits={0: __import__("train.model", fromlist=["HeadEdit"]).HeadEdit(z=zero_head0)})
+    assert not torch.allclose(base, edited)

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+
+from train import probes
+from train.data.synthetic import RepeatedTokens, batch_rng
+
+
+def one_hot_pattern(batch: int, t: int, target) -> torch.Tensor:
+    """A pattern `[batch, 1, t, t]` where query i attends fully to key target(i)."""
+    p = torch.zeros(batch, 1, t, t)
+    for i in range(t):
+        p[:, 0, i, target(i)] = 1.0
+    return p
+
+
+def test_previous_token_score_known_answers():
+    t = 10
+    prev = one_hot_pattern(2, t, lambda i: max(i - 1, 0))
+    bos = one_hot_pattern(2, t, lambda i: 0)
+    uniform = torch.ones(2, 1, t, t).tril()
+    uniform = uniform / uniform.sum(-1, keepdim=True)
+    assert probes.previous_token_score(prev).item() == pytest.approx(1.0)
+    assert probes.previous_token_score(bos).item() == pytest.approx(1 / (t - 1))  # only i=1 hits 0
+    expected = np.mean([1 / (i + 1) for i in range(1, t)])
+    assert probes.previous_token_score(uniform).item() == pytest.approx(expected)
+
+
+def test_prefix_matching_score_known_answers():
+    r, t = 5, 16
+    tokens = torch.from_numpy(RepeatedTokens(20, t, r)(batch_rng(0, 0, "probe"), 3))
+    # An ideal induction head: query i (in a later repeat) attends to i - r + 1, the token after the
+    # previous occurrence of its own token.
+    induction = one_hot_pattern(3, t, lambda i: i - r + 1 if i > r else 0)
+    assert probes.prefix_matching_score(induction, tokens).item() == pytest.approx(1.0)
+    # Attending to the previous occurrence itself (not the token after it) scores 0.
+    duplicate = one_hot_pattern(3, t, lambda i: i - r if i > r else 0)
+    assert probes.prefix_matching_score(duplicate, tokens).item() == pytest.approx(0.0)
+    # Half the attention on the right place: 0.5.
+    half = 0.5 * induction + 0.5 * duplicate
+    assert probes.prefix_matching_score(half, tokens).item() == pytest.approx(0.5)
+
+
+def test_prefix_matching_mask_marks_the_token_after_each_earlier_occurrence():
+    tokens = torch.tensor([[0, 7, 3, 7, 9, 7]])
+    mask = probes.prefix_matching_mask(tokens)[0]
+    # Query 5 (token 7): earlier 7s at 1 and 3, so keys 2 and 4 match.
+    assert mask[5].nonzero().flatten().tolist() == [2, 4]
+    # Query 3 (token 7): the earlier 7 at 1, so key 2.
+    assert mask[3].nonzero().flatten().tolist() == [2]
+    # Query 1: no earlier occurrence.
+    assert not mask[1].any()
+
+
+def test_icl_score_and_positions():
+    assert probes.icl_positions(512) == (500, 50)
+    assert probes.icl_positions(128) == (125, 12)
+    assert probes.icl_positions(128, late=100, early=10) == (100, 10)
+    with pytest.raises(ValueError):
+        probes.icl_positions(128, late=5, early=10)
+    losses = torch.zeros(4, 127)
+    losses[:, 125] = 1.0
+    losses[:, 12] = 3.0
+    assert probes.icl_score(losses, 125, 12).item() == pytest.approx(-2.0)
+
+
+def test_per_token_loss_and_induction_loss():
+    tokens = torch.tensor([[0, 1, 2, 1, 2]])
+    logits = torch.full((1, 5, 4), -1e4)
+    logits[0, torch.arange(4), tokens[0, 1:]] = 1e4  # perfect predictions
+    logits[0, 0] = 0.0  # uniform at the first position
+    losses = probes.per_token_loss(logits, tokens)
+    assert losses.shape == (1, 4)
+    assert losses[0, 0].item() == pytest.approx(np.log(4))
+    assert losses[0, 1:].abs().max().item() < 1e-4
+    assert probes.induction_loss(losses, rep_len=2).item() == pytest.approx(0.0, abs=1e-4)

@@ -1,0 +1,50 @@
+"""Build the pieces of a run from a validated config."""
+
+from __future__ import annotations
+
+import hydra
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .config import d_head
+from .data.datamodule import StreamDataModule
+from .data.synthetic import RepeatedTokens, batch_rng, probe_token_weights
+from .model import AttentionOnlyTransformer, ModelSpec
+
+COMMON_DATA_KEYS = ("_target_", "batch_size", "seed", "eval_size", "eval_seed")
+
+
+def build_generator(cfg: DictConfig):
+    """Instantiate the data option's generator with its own keys, the vocabulary and the context."""
+    kwargs = {k: v for k, v in OmegaConf.to_container(cfg.data, resolve=True).items() if k not in COMMON_DATA_KEYS}
+    return hydra.utils.instantiate({"_target_": cfg.data._target_, **kwargs, "seq_len": cfg.model.n_ctx})
+
+
+def build_datamodule(cfg: DictConfig, generator=None) -> StreamDataModule:
+    generator = generator or build_generator(cfg)
+    d = cfg.data
+    return StreamDataModule(generator, d.batch_size, d.seed, d.eval_size, d.eval_seed)
+
+
+def build_model(cfg: DictConfig) -> AttentionOnlyTransformer:
+    m = cfg.model
+    spec = ModelSpec(
+        n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, d_head=d_head(cfg), n_ctx=m.n_ctx,
+        d_vocab=m.d_vocab, positional=m.positional.value, layernorm=m.layernorm, d_mlp=m.d_mlp,
+        smeared_key=m.smeared_key, init_std=m.init_std,
+    )
+    return AttentionOnlyTransformer(spec)
+
+
+def probe_tokens(cfg: DictConfig, generator=None) -> torch.Tensor:
+    """The fixed probe batch: BOS + `rep_len` random tokens repeated to fill the context, excluding the
+    most and least common tokens when the data's token frequencies are known."""
+    unigram = generator.unigram() if hasattr(generator, "unigram") else None
+    p = cfg.probes
+    weights = probe_token_weights(unigram, cfg.model.d_vocab, p.exclude_fraction)
+    if weights is None and cfg.data.d_vocab < cfg.model.d_vocab:
+        weights = np.zeros(cfg.model.d_vocab)
+        weights[1:cfg.data.d_vocab] = 1.0
+    gen = RepeatedTokens(cfg.model.d_vocab, cfg.model.n_ctx, p.rep_len, weights)
+    return torch.from_numpy(gen(batch_rng(p.seed, 0, "probe"), p.n_sequences))

@@ -1,0 +1,140 @@
+"""Measurement at every step: per-head scores on a fixed probe batch, the ICL score, the evaluation set.
+
+Values stay on the device until a flush, which moves them to the host in one transfer, appends them
+to the run directory's Parquet tables and sends them to the loggers (W&B, CSV) with their own steps.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from .. import probes
+from ..rundir import METRICS, Table
+
+
+class Measure(L.Callback):
+    def __init__(self, run_dir: Path, probe_tokens: Tensor, eval_tokens: Tensor, cfg: Any, n_ctx: int):
+        self.cfg = cfg
+        self.probe_tokens, self.eval_tokens = probe_tokens, eval_tokens
+        self.prefix_mask = probes.prefix_matching_mask(probe_tokens)  # fixed batch: computed once
+        self.rep_len = cfg.rep_len
+        self.late, self.early = probes.icl_positions(n_ctx, cfg.icl_late, cfg.icl_early)
+        names = ("train", "heads", "eval", "eval_token_losses")
+        self.tables = {name: Table(Path(run_dir) / METRICS / f"{name}.parquet") for name in names}
+        self.pending: list[tuple[int, int, dict[str, Tensor]]] = []
+        self.last_eval_step = -1
+        self.loggers: list = []
+
+    # --- Lightning hooks -------------------------------------------------------------------------
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        device = module.device
+        self.probe_tokens = self.probe_tokens.to(device)
+        self.prefix_mask = self.prefix_mask.to(device)
+        self.eval_tokens = self.eval_tokens.to(device)
+        self.loggers = trainer.loggers
+        step = trainer.global_step
+        for table in self.tables.values():
+            table.load(up_to_step=step)  # a resumed run recomputes whatever came after its checkpoint
+        if step == 0:
+            self.record(trainer, module, step, extra={})
+            self.evaluate(module, step, module.tokens_seen)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        extra = {
+            "loss": outputs["loss"].detach(),
+            "icl_score": probes.icl_score(module.last_token_losses, self.late, self.early),
+        }
+        if step % self.cfg.every_n_steps == 0:
+            self.record(trainer, module, step, extra)
+        else:
+            self.pending.append((step, module.tokens_seen, extra))
+        if step % self.cfg.eval_every_n_steps == 0:
+            self.evaluate(module, step, module.tokens_seen)
+        if step % self.cfg.flush_every_n_steps == 0:
+            self.flush()
+
+    def on_train_end(self, trainer, module) -> None:
+        self.flush()
+
+    def on_exception(self, trainer, module, exception) -> None:
+        self.flush()
+
+    # --- measurements ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def probe_scores(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """Per-head scores `[layer, head]` and the induction loss on the probe batch."""
+        logits, patterns = model(self.probe_tokens, return_patterns=True)
+        prev = torch.stack([probes.previous_token_score(p) for p in patterns])
+        pm = torch.stack([probes.prefix_matching_score(p, self.probe_tokens, self.prefix_mask) for p in patterns])
+        losses = probes.per_token_loss(logits, self.probe_tokens)
+        return {"previous_token": prev, "prefix_matching": pm,
+                "induction_loss": probes.induction_loss(losses, self.rep_len)}
+
+    def record(self, trainer: L.Trainer, module: L.LightningModule, step: int, extra: dict[str, Tensor]) -> None:
+        was_training = module.training
+        module.eval()
+        values = {**extra, **self.probe_scores(module.model)}
+        module.train(was_training)
+        self.pending.append((step, module.tokens_seen, values))
+
+    @torch.no_grad()
+    def evaluate(self, module: L.LightningModule, step: int, tokens: int, keep_token_losses: bool = False) -> None:
+        """Loss, ICL score and loss by position on the fixed evaluation set. With `keep_token_losses`
+        (at checkpoints), also every per-token loss, for the per-token-loss PCA."""
+        if step == self.last_eval_step and not keep_token_losses:
+            return
+        was_training = module.training
+        module.eval()
+        losses = probes.per_token_loss(module.model(self.eval_tokens), self.eval_tokens)  # [eval, pos - 1]
+        module.train(was_training)
+        by_position = losses.mean(dim=0)
+        if step != self.last_eval_step:
+            loss, icl = torch.stack([losses.mean(), probes.icl_score(losses, self.late, self.early)]).tolist()
+            self.tables["eval"].append([{"step": step, "tokens": tokens, "loss": loss, "icl_score": icl,
+                                         "loss_by_position": by_position.cpu().tolist()}])
+            self.last_eval_step = step
+            for logger in self.loggers:
+                logger.log_metrics({"eval/loss": loss, "eval/icl_score": icl}, step)
+        if keep_token_losses:
+            self.tables["eval_token_losses"].append(
+                [{"step": step, "tokens": tokens, "token_losses": losses.flatten().cpu().tolist()}])
+
+    def flush(self) -> None:
+        """Move pending values to the host in one transfer; write tables; send to the loggers."""
+        if self.pending:
+            flat = torch.cat([v[k].detach().float().flatten() for _, _, v in self.pending for k in sorted(v)]).cpu()
+            offset, train_rows, head_rows, log_rows = 0, [], [], []
+            for step, tokens, values in self.pending:
+                row: dict[str, Tensor] = {}
+                for key in sorted(values):
+                    n = values[key].numel()
+                    row[key] = flat[offset:offset + n].view(values[key].shape)
+                    offset += n
+                train = {"step": step, "tokens": tokens, **{k: float(v) for k, v in row.items() if v.dim() == 0}}
+                train_rows.append(train)
+                logged = {k: v for k, v in train.items() if k != "step"}
+                if "prefix_matching" in row:
+                    n_layers, n_heads = row["prefix_matching"].shape
+                    for layer in range(n_layers):
+                        for head in range(n_heads):
+                            pt = float(row["previous_token"][layer, head])
+                            pm = float(row["prefix_matching"][layer, head])
+                            head_rows.append({"step": step, "tokens": tokens, "layer": layer, "head": head,
+                                              "previous_token": pt, "prefix_matching": pm})
+                            logged[f"prefix_matching/L{layer}H{head}"] = pm
+                            logged[f"previous_token/L{layer}H{head}"] = pt
+                log_rows.append((step, logged))
+            self.tables["train"].append(train_rows)
+            self.tables["heads"].append(head_rows)
+            for logger in self.loggers:
+                for step, logged in log_rows:
+                    logger.log_metrics(logged, step)
+            self.pending = []
+        for table in self.tables.values():
+            table.flush()

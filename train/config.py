@@ -1,0 +1,233 @@
+"""Structured configs: the schema of every config group, and the checks Hydra's types cannot express.
+
+Hydra validates types and key names against these dataclasses, so a typo or a wrong type fails at
+start with the key's name. `validate` adds the cross-field checks (shapes, positive sizes, probe
+lengths) with the same one-line style.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import II, MISSING, DictConfig, OmegaConf
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message starts with the key."""
+
+
+class Positional(Enum):
+    shortformer = "shortformer"  # positions enter queries and keys only (Olsson et al.), the default
+    learned = "learned"  # learned positions added to the residual stream (GPT-2)
+    rotary = "rotary"  # rotary embeddings on queries and keys
+    none = "none"  # no position information at all
+
+
+@dataclass
+class ModelConfig:
+    n_layers: int = 2  # attention layers
+    n_heads: int = 4  # heads per layer
+    d_model: int = 64  # residual stream width
+    d_head: Optional[int] = None  # per-head width; default d_model // n_heads
+    n_ctx: int = 128  # context length (training sequences are this long)
+    d_vocab: int = II("data.d_vocab")  # vocabulary size, taken from the data by default
+    positional: Positional = Positional.shortformer
+    layernorm: bool = True  # LayerNorm before each layer and before the unembedding
+    d_mlp: int = 0  # 0: attention-only; > 0: an MLP of this width after each attention layer
+    smeared_key: bool = False  # per-head trainable key smearing (Olsson et al.)
+    init_std: Optional[float] = None  # weight init std; default 0.8 / sqrt(d_model) (TransformerLens)
+
+
+@dataclass
+class DataConfig:
+    """Fields every data option has; `_target_` names the generator class."""
+
+    _target_: str = MISSING
+    d_vocab: int = 64  # vocabulary size including BOS (token 0)
+    batch_size: int = 32  # sequences per training step
+    seed: int = II("seed")  # seeds the training stream: batch i depends on (seed, i) only
+    eval_size: int = 128  # sequences in the fixed evaluation set
+    eval_seed: int = 1234  # the evaluation set is shared by every run that shares this seed
+
+
+@dataclass
+class MarkovCopiesConfig(DataConfig):
+    _target_: str = "train.data.synthetic.MarkovCopies"
+    concentration: float = 0.1  # Dirichlet concentration of the Markov chain's rows (lower: peakier)
+    spans_per_seq: int = 4  # copied spans per sequence
+    span_len_min: int = 8
+    span_len_max: int = 20
+    language_seed: int = 0  # seeds the Markov chain itself, shared across runs
+
+
+@dataclass
+class RepeatedTokensConfig(DataConfig):
+    _target_: str = "train.data.synthetic.RepeatedTokens"
+    rep_len: int = 25  # random tokens per repeat
+
+
+@dataclass
+class TrainerConfig:
+    """Arguments of `lightning.Trainer`."""
+
+    max_steps: int = 1500
+    accelerator: str = "auto"
+    devices: Any = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "32-true"  # "bf16-mixed" on a GPU
+    gradient_clip_val: Optional[float] = 1.0
+    accumulate_grad_batches: int = 1
+    deterministic: bool = False
+    enable_progress_bar: bool = True
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.01
+    warmup_steps: int = 50
+    schedule: str = "constant"  # after warm-up: constant, cosine or linear decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class ProbesConfig:
+    every_n_steps: int = 1  # per-head scores and ICL every this many steps
+    n_sequences: int = 8  # probe batch: BOS + rep_len random tokens, repeated
+    rep_len: int = 25  # R in Olsson et al. (25, repeated 4 times in 512 tokens)
+    exclude_fraction: float = 0.02  # drop this share of most and of least common tokens from probes
+    seed: int = 0  # the probe batch is fixed by this seed
+    eval_every_n_steps: int = 10  # the fixed evaluation set is measured this often (and at checkpoints)
+    flush_every_n_steps: int = 100  # metrics reach the run directory and W&B this often
+    icl_late: Optional[int] = None  # token index; default n_ctx * 500/512 (Olsson et al.)
+    icl_early: Optional[int] = None  # token index; default n_ctx * 50/512
+    induction_threshold: float = 0.5  # prefix-matching score that makes a head an induction head
+    previous_token_threshold: float = 0.5  # previous-token score that makes a previous-token head
+
+
+@dataclass
+class PhaseConfig:
+    smooth: float = 0.15  # Gaussian smoothing width of the ICL curve, in natural-log tokens
+    threshold: float = 0.25  # the window is where dICL/dlog(tokens) is below this share of its peak
+    min_drop: float = 0.05  # nats; a smaller ICL improvement across the window is no phase change
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = True
+    log_spaced: bool = True  # steps 0, 1, 2, 4, 8, ... (Pythia)
+    every_n_steps: int = 500  # plus every this many steps; 0 disables the linear schedule
+    save_last: bool = True  # also at the final step
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline (no account needed), online, or disabled
+    project: str = "induction-heads"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoggerConfig:
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    csv: bool = False  # also a Lightning CSVLogger under the run directory
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: Any = MISSING
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    probes: ProbesConfig = field(default_factory=ProbesConfig)
+    phase: PhaseConfig = field(default_factory=PhaseConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    experiment_name: str = "default"
+    seed: int = 0  # model initialisation and the data stream
+    resume: Optional[str] = None  # a run directory to continue from its last checkpoint
+    compile: bool = False  # torch.compile the model
+
+
+def register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="schema", node=Config)
+    cs.store(group="data", name="markov_copies_schema", node=MarkovCopiesConfig)
+    cs.store(group="data", name="repeated_tokens_schema", node=RepeatedTokensConfig)
+    if not OmegaConf.has_resolver("uid"):
+        # Unique per job, so runs started in the same second never share a directory.
+        OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
+        OmegaConf.register_new_resolver("or_default", lambda value, default: value or default)
+
+
+def d_head(cfg: DictConfig) -> int:
+    return cfg.model.d_head or cfg.model.d_model // cfg.model.n_heads
+
+
+def _require(ok: bool, key: str, value: Any, why: str) -> None:
+    if not ok:
+        raise ConfigError(f"{key}={value}: {why}")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field checks; raises ConfigError naming the first bad key."""
+    m, d, p, o, t = cfg.model, cfg.data, cfg.probes, cfg.optim, cfg.trainer
+    for key in ("n_layers", "n_heads", "d_model", "n_ctx"):
+        _require(m[key] >= 1, f"model.{key}", m[key], "must be at least 1")
+    if m.d_head is None:
+        _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
+                 f"must be divisible by model.n_heads={m.n_heads} (or set model.d_head)")
+    else:
+        _require(m.d_head >= 1, "model.d_head", m.d_head, "must be at least 1")
+    if m.positional == Positional.rotary:
+        _require(d_head(cfg) % 2 == 0, "model.d_head", d_head(cfg), "must be even for rotary positions")
+    _require(m.d_mlp >= 0, "model.d_mlp", m.d_mlp, "must be 0 (attention-only) or positive")
+    _require(m.d_vocab >= 3, "model.d_vocab", m.d_vocab, "must be at least 3 (BOS and two tokens)")
+    _require(m.n_ctx >= 8, "model.n_ctx", m.n_ctx, "must be at least 8 for the probes to mean anything")
+    _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be at least 1")
+    _require(d.eval_size >= 1, "data.eval_size", d.eval_size, "must be at least 1")
+    _require(d.d_vocab <= m.d_vocab, "data.d_vocab", d.d_vocab, f"exceeds model.d_vocab={m.d_vocab}")
+    if "span_len_min" in d:
+        _require(1 <= d.span_len_min <= d.span_len_max, "data.span_len_min", d.span_len_min,
+                 f"must be between 1 and data.span_len_max={d.span_len_max}")
+        _require(d.span_len_min < m.n_ctx - 1, "data.span_len_min", d.span_len_min,
+                 f"must be shorter than the context (model.n_ctx={m.n_ctx})")
+        _require(d.concentration > 0, "data.concentration", d.concentration, "must be positive")
+        _require(d.spans_per_seq >= 0, "data.spans_per_seq", d.spans_per_seq, "must be 0 or more")
+    if "rep_len" in d:
+        _require(1 <= d.rep_len < d.d_vocab, "data.rep_len", d.rep_len,
+                 f"must be between 1 and data.d_vocab-1={d.d_vocab - 1}")
+    _require(o.lr > 0, "optim.lr", o.lr, "must be positive")
+    _require(o.weight_decay >= 0, "optim.weight_decay", o.weight_decay, "must be 0 or more")
+    _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be 0 or more")
+    _require(o.schedule in ("constant", "cosine", "linear"), "optim.schedule", o.schedule,
+             "expected constant, cosine or linear")
+    _require(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be at least 1")
+    for key in ("every_n_steps", "eval_every_n_steps", "flush_every_n_steps", "n_sequences"):
+        _require(p[key] >= 1, f"probes.{key}", p[key], "must be at least 1")
+    _require(p.rep_len >= 2, "probes.rep_len", p.rep_len, "must be at least 2")
+    _require(1 + 2 * p.rep_len <= m.n_ctx, "probes.rep_len", p.rep_len,
+             f"needs a context of 1 + 2 * rep_len = {1 + 2 * p.rep_len} tokens; model.n_ctx={m.n_ctx}")
+    _require(p.rep_len <= m.d_vocab - 1, "probes.rep_len", p.rep_len,
+             f"needs that many distinct tokens; model.d_vocab={m.d_vocab}")
+    _require(0 <= p.exclude_fraction < 0.5, "probes.exclude_fraction", p.exclude_fraction, "must be in [0, 0.5)")
+    from .probes import icl_positions
+
+    try:
+        icl_positions(m.n_ctx, p.icl_late, p.icl_early)
+    except ValueError as e:
+        raise ConfigError(f"probes.icl_late/icl_early: {e}") from None
+    _require(cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", cfg.checkpoint.every_n_steps,
+             "must be 0 (off) or more")
+    _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",
+             cfg.logger.wandb.mode, "expected offline, online or disabled")

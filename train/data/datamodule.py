@@ -1,0 +1,60 @@
+"""The LightningDataModule: an endless, seeded stream of batches, and the fixed evaluation set."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterator
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+
+from .synthetic import batch_rng
+
+Generator = Callable[[np.random.Generator, int], np.ndarray]
+
+
+class _Stream(IterableDataset):
+    def __init__(self, owner: "StreamDataModule"):
+        self.owner = owner
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        # Start where the run left off: `next_batch` is restored from the checkpoint before iteration.
+        index = self.owner.next_batch
+        while True:
+            tokens = self.owner.generator(batch_rng(self.owner.seed, index), self.owner.batch_size)
+            yield {"tokens": torch.from_numpy(tokens), "index": index}
+            index += 1
+
+
+class StreamDataModule(L.LightningDataModule):
+    """Batch `i` is `generator(batch_rng(seed, i))`: deterministic from the seed, never repeated.
+
+    The stream position is the index of the next batch to train on; it is saved in every checkpoint
+    (`state_dict`) so a resumed run sees exactly the batches an uninterrupted run would have seen.
+    """
+
+    def __init__(self, generator: Generator, batch_size: int, seed: int, eval_size: int, eval_seed: int):
+        super().__init__()
+        self.generator, self.batch_size, self.seed = generator, batch_size, seed
+        self.eval_size, self.eval_seed = eval_size, eval_seed
+        self.next_batch = 0
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(_Stream(self), batch_size=None, num_workers=0)
+
+    def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        # Called for the batch about to be trained on (not for prefetched ones).
+        self.next_batch = batch["index"] + 1
+        return batch
+
+    def eval_tokens(self) -> torch.Tensor:
+        """The fixed evaluation set: the same sequences for every checkpoint and every run sharing
+        `eval_seed` (and the generator's language)."""
+        return torch.from_numpy(self.generator(batch_rng(self.eval_seed, 0, "eval"), self.eval_size))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.next_batch = int(state_dict["next_batch"])

@@ -1,0 +1,211 @@
+"""Attention-only transformer, the model family of Olsson et al. (2022) and Elhage et al. (2021).
+
+A plain `nn.Module`: no Lightning, no hooks framework. Weights use TransformerLens' names and shapes
+(`W_Q [head, d_model, d_head]`, `W_O [head, d_head, d_model]`, ...) so circuits can be read directly
+and exported without reshaping.
+
+Training takes the fused path (`scaled_dot_product_attention`). Asking for attention patterns, or
+editing heads (ablations), takes the explicit path, which computes the same function.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+POSITIONAL_SCHEMES = ("shortformer", "learned", "rotary", "none")
+
+
+@dataclass
+class HeadEdit:
+    """How one layer's heads are changed in a forward pass (ablations, `analysis.ablation`).
+
+    `pattern`: attention pattern `[batch, head, query, key]` used instead of the computed one.
+    `z`: a function `z [batch, head, pos, d_head] -> z`, applied to the heads' mixed values before W_O.
+    """
+
+    pattern: Tensor | None = None
+    z: Callable[[Tensor], Tensor] | None = None
+
+
+def rotary_tables(n_ctx: int, d_head: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos and sin tables `[n_ctx, d_head]` for rotary embeddings, halves layout (GPT-NeoX)."""
+    freqs = base ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)  # [d_head/2]
+    angles = torch.arange(n_ctx, dtype=torch.float32)[:, None] * freqs[None, :]  # [n_ctx, d_head/2]
+    angles = torch.cat([angles, angles], dim=-1)  # [n_ctx, d_head]
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate `x [batch, head, pos, d_head]` by position."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    t = x.shape[-2]
+    return x * cos[:t] + rotated * sin[:t]
+
+
+class Attention(nn.Module):
+    def __init__(self, n_heads: int, d_model: int, d_head: int, smeared_key: bool):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_head
+        self.W_Q = nn.Parameter(torch.empty(n_heads, d_model, d_head))
+        self.W_K = nn.Parameter(torch.empty(n_heads, d_model, d_head))
+        self.W_V = nn.Parameter(torch.empty(n_heads, d_model, d_head))
+        self.W_O = nn.Parameter(torch.empty(n_heads, d_head, d_model))
+        self.b_Q = nn.Parameter(torch.zeros(n_heads, d_head))
+        self.b_K = nn.Parameter(torch.zeros(n_heads, d_head))
+        self.b_V = nn.Parameter(torch.zeros(n_heads, d_head))
+        self.b_O = nn.Parameter(torch.zeros(d_model))
+        # Smeared key (Olsson et al. 2022): k_j <- sigmoid(a) k_j + (1 - sigmoid(a)) k_{j-1}, per head.
+        self.smear_alpha = nn.Parameter(torch.zeros(n_heads)) if smeared_key else None
+
+    def smear(self, k: Tensor) -> Tensor:
+        """Mix each key with the previous position's key; the first key is unchanged."""
+        s = torch.sigmoid(self.smear_alpha)[None, :, None, None]  # [1, head, 1, 1]
+        mixed = s * k[:, :, 1:] + (1 - s) * k[:, :, :-1]  # [batch, head, pos-1, d_head]
+        return torch.cat([k[:, :, :1], mixed], dim=2)
+
+    def forward(
+        self,
+        x_q: Tensor,
+        x_k: Tensor,
+        x_v: Tensor,
+        rotary: tuple[Tensor, Tensor] | None = None,
+        need_pattern: bool = False,
+        edit: HeadEdit | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Inputs `[batch, pos, d_model]`; returns (output `[batch, pos, d_model]`, pattern or None)."""
+        q = torch.einsum("btm,hmd->bhtd", x_q, self.W_Q) + self.b_Q[:, None]  # [batch, head, pos, d_head]
+        k = torch.einsum("btm,hmd->bhtd", x_k, self.W_K) + self.b_K[:, None]
+        v = torch.einsum("btm,hmd->bhtd", x_v, self.W_V) + self.b_V[:, None]
+        if self.smear_alpha is not None:
+            k = self.smear(k)
+        if rotary is not None:
+            q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
+
+        pattern = None
+        if need_pattern or edit is not None:
+            if edit is not None and edit.pattern is not None:
+                pattern = edit.pattern
+            else:
+                t = q.shape[-2]
+                scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)  # [batch, head, query, key]
+                causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
+                pattern = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            z = pattern @ v  # [batch, head, pos, d_head]
+            if edit is not None and edit.z is not None:
+                z = edit.z(z)
+        else:
+            z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        out = torch.einsum("bhtd,hdm->btm", z, self.W_O) + self.b_O  # [batch, pos, d_model]
+        return out, pattern
+
+
+class MLP(nn.Module):
+    def __init__(self, d_model: int, d_mlp: int):
+        super().__init__()
+        self.W_in = nn.Parameter(torch.empty(d_model, d_mlp))
+        self.b_in = nn.Parameter(torch.zeros(d_mlp))
+        self.W_out = nn.Parameter(torch.empty(d_mlp, d_model))
+        self.b_out = nn.Parameter(torch.zeros(d_model))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.gelu(x @ self.W_in + self.b_in) @ self.W_out + self.b_out
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: "ModelSpec"):
+        super().__init__()
+        self.ln1 = nn.LayerNorm(cfg.d_model) if cfg.layernorm else nn.Identity()
+        self.attn = Attention(cfg.n_heads, cfg.d_model, cfg.d_head, cfg.smeared_key)
+        self.ln2 = nn.LayerNorm(cfg.d_model) if (cfg.layernorm and cfg.d_mlp) else nn.Identity()
+        self.mlp = MLP(cfg.d_model, cfg.d_mlp) if cfg.d_mlp else None
+
+    def forward(self, x, qk_pos, rotary, need_pattern, edit):
+        h = self.ln1(x)
+        hq = h if qk_pos is None else h + qk_pos  # shortformer: positions enter queries and keys only
+        attn_out, pattern = self.attn(hq, hq, h, rotary, need_pattern, edit)
+        x = x + attn_out
+        if self.mlp is not None:
+            x = x + self.mlp(self.ln2(x))
+        return x, pattern
+
+
+@dataclass
+class ModelSpec:
+    """Shape of the model; `train.config.ModelConfig` documents each field."""
+
+    n_layers: int = 2
+    n_heads: int = 4
+    d_model: int = 64
+    d_head: int = 16
+    n_ctx: int = 128
+    d_vocab: int = 64
+    positional: str = "shortformer"
+    layernorm: bool = True
+    d_mlp: int = 0
+    smeared_key: bool = False
+    init_std: float | None = None
+
+
+class AttentionOnlyTransformer(nn.Module):
+    def __init__(self, spec: ModelSpec):
+        super().__init__()
+        if spec.positional not in POSITIONAL_SCHEMES:
+            raise ValueError(f"model.positional={spec.positional!r}: expected one of {POSITIONAL_SCHEMES}")
+        self.spec = spec
+        self.W_E = nn.Parameter(torch.empty(spec.d_vocab, spec.d_model))
+        self.W_pos = (
+            nn.Parameter(torch.empty(spec.n_ctx, spec.d_model))
+            if spec.positional in ("shortformer", "learned")
+            else None
+        )
+        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
+        self.ln_final = nn.LayerNorm(spec.d_model) if spec.layernorm else nn.Identity()
+        self.W_U = nn.Parameter(torch.empty(spec.d_model, spec.d_vocab))
+        self.b_U = nn.Parameter(torch.zeros(spec.d_vocab))
+        if spec.positional == "rotary":
+            cos, sin = rotary_tables(spec.n_ctx, spec.d_head)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # TransformerLens' default: N(0, 0.8 / sqrt(d_model)) for every matrix, zero biases.
+        std = self.spec.init_std or 0.8 / math.sqrt(self.spec.d_model)
+        for name, p in self.named_parameters():
+            if p.dim() >= 2:
+                nn.init.normal_(p, std=std)
+
+    def forward(
+        self,
+        tokens: Tensor,
+        return_patterns: bool = False,
+        edits: dict[int, HeadEdit] | None = None,
+    ) -> Tensor | tuple[Tensor, list[Tensor]]:
+        """`tokens [batch, pos]` -> logits `[batch, pos, d_vocab]`.
+
+        With `return_patterns`, also the attention pattern of every layer, `[batch, head, query, key]`.
+        `edits` maps a layer index to a `HeadEdit` (used by ablations).
+        """
+        t = tokens.shape[1]
+        x = self.W_E[tokens]  # [batch, pos, d_model]
+        qk_pos, rotary = None, None
+        if self.spec.positional == "learned":
+            x = x + self.W_pos[:t]
+        elif self.spec.positional == "shortformer":
+            qk_pos = self.W_pos[:t]
+        elif self.spec.positional == "rotary":
+            rotary = (self.rotary_cos, self.rotary_sin)
+        patterns = []
+        for layer, block in enumerate(self.blocks):
+            edit = edits.get(layer) if edits else None
+            x, pattern = block(x, qk_pos, rotary, return_patterns, edit)
+            patterns.append(pattern)
+        logits = self.ln_final(x) @ self.W_U + self.b_U
+        return (logits, patterns) if return_patterns else logits

@@ -1,0 +1,71 @@
+"""The LightningModule: next-token loss (kept per position), AdamW with warm-up and a schedule."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import lightning as L
+import torch
+from torch import Tensor
+
+from .model import AttentionOnlyTransformer
+from .probes import per_token_loss
+
+
+def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: float):
+    """Multiplier of the base learning rate at each step: linear warm-up, then `schedule`."""
+
+    def f(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        if schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+        if schedule == "cosine":
+            return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return min_lr_ratio + (1 - min_lr_ratio) * (1 - progress)
+        raise ValueError(f"optim.schedule={schedule!r}: expected constant, cosine or linear")
+
+    return f
+
+
+class InductionLM(L.LightningModule):
+    def __init__(self, model: AttentionOnlyTransformer, optim: dict[str, Any], total_steps: int):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.total_steps = total_steps
+        self.tokens_seen = 0
+        # The last batch's per-position losses `[pos - 1]`, averaged over the batch, for the probes.
+        self.last_token_losses: Tensor | None = None
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        tokens = batch["tokens"]
+        losses = per_token_loss(self.model(tokens), tokens)  # [batch, pos - 1]
+        self.last_token_losses = losses.detach().mean(dim=0)
+        self.tokens_seen += tokens.numel()
+        loss = losses.mean()
+        self.log("loss", loss, prog_bar=True, logger=False)
+        return loss
+
+    def configure_optimizers(self):
+        o = self.optim
+        decay = [p for p in self.parameters() if p.dim() >= 2]
+        no_decay = [p for p in self.parameters() if p.dim() < 2]
+        opt = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=o["lr"],
+            betas=tuple(o["betas"]),
+        )
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lr_lambda(o["schedule"], o["warmup_steps"], self.total_steps, o["min_lr_ratio"])
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.tokens_seen = int(checkpoint["tokens_seen"])

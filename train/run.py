@@ -1,0 +1,80 @@
+"""One training run: validate -> build -> fit -> summarize. `train/__main__.py` wraps it for Hydra."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .build import build_datamodule, build_generator, build_model, probe_tokens
+from .callbacks.checkpoint import ScheduledCheckpoint, last_checkpoint
+from .callbacks.measure import Measure
+from .callbacks.summary import RunSummary
+from .config import ConfigError, validate
+from .module import InductionLM
+from .rundir import CONFIG, write_text
+from .loggers import build_loggers, finish_loggers
+
+
+def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
+    """The checkpoint to resume from; the saved model and data must match the current config."""
+    if not (run_dir / CONFIG).exists():
+        raise ConfigError(f"resume={run_dir}: not a run directory (no {CONFIG})")
+    ckpt = last_checkpoint(run_dir)
+    if ckpt is None or not ckpt.exists():
+        raise ConfigError(f"resume={run_dir}: no checkpoint listed in checkpoints/index.json")
+    saved = OmegaConf.load(run_dir / CONFIG)
+    for group in ("model", "data"):
+        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            old = OmegaConf.select(saved, f"{group}.{key}")
+            if str(old) != str(getattr(value, "value", value)):
+                raise ConfigError(f"{group}.{key}={value}: the run being resumed used {old}")
+    return ckpt
+
+
+def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
+    validate(cfg)
+    run_dir = Path(run_dir)
+    ckpt = check_resume(cfg, run_dir) if cfg.resume else None
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    generator = build_generator(cfg)
+    datamodule = build_datamodule(cfg, generator)
+    model = build_model(cfg)
+    if cfg.compile:
+        model = torch.compile(model)
+    module = InductionLM(model, OmegaConf.to_container(cfg.optim), cfg.trainer.max_steps)
+    if not cfg.resume:
+        write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+
+    measure = Measure(run_dir, probe_tokens(cfg, generator), datamodule.eval_tokens(), cfg.probes, cfg.model.n_ctx)
+    callbacks: list[L.Callback] = [measure]
+    c = cfg.checkpoint
+    if c.enabled:
+        callbacks.append(ScheduledCheckpoint(run_dir, measure, c.log_spaced, c.every_n_steps, c.save_last))
+    summary = RunSummary(run_dir, measure, cfg)
+    callbacks.append(summary)
+
+    loggers = build_loggers(cfg, run_dir)
+    trainer = L.Trainer(
+        **OmegaConf.to_container(cfg.trainer),
+        callbacks=callbacks,
+        logger=loggers or False,
+        default_root_dir=str(run_dir),
+        enable_checkpointing=False,  # ScheduledCheckpoint writes them
+        enable_model_summary=False,
+        log_every_n_steps=1,
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+    finally:
+        finish_loggers(loggers)
+    return summary.summary or {}

@@ -1,0 +1,106 @@
+"""The run directory on disk: layout, and writes that are atomic (temp file + rename).
+
+A killed run leaves every file either at its previous complete version or at its new complete one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+CONFIG = "config.yaml"
+SUMMARY = "summary.json"
+METRICS = "metrics"
+CHECKPOINTS = "checkpoints"
+INDEX = "checkpoints/index.json"
+
+
+def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
+    """Call `write(tmp_path)`, then rename the temp file over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: str | Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+
+    atomic_write(path, write)
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"cannot write {type(o).__name__} to JSON")
+
+
+def read_json(path: str | Path) -> Any:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_parquet(path: str | Path, table: pa.Table) -> None:
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
+
+
+def read_table(run_dir: str | Path, name: str) -> pa.Table | None:
+    """A metrics table (`train`, `heads`, `eval`, `eval_token_losses`), or None if not written yet."""
+    path = Path(run_dir) / METRICS / f"{name}.parquet"
+    return pq.read_table(path) if path.exists() else None
+
+
+class Table:
+    """Rows kept in memory and rewritten atomically as one Parquet file on `flush`.
+
+    On resume, `load(up_to_step)` keeps the rows at or before the checkpoint's step: later rows are
+    recomputed, identically, by the resumed run.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.columns: dict[str, list] = {}
+        self.dirty = False
+
+    def load(self, up_to_step: int) -> None:
+        if not self.path.exists():
+            return
+        table = pq.read_table(self.path)
+        table = table.filter(pa.compute.less_equal(table["step"], up_to_step))
+        self.columns = {name: table[name].to_pylist() for name in table.column_names}
+
+    def append(self, records: list[dict]) -> None:
+        """Add rows; a key missing from a row (or from earlier rows) is null there."""
+        size = len(next(iter(self.columns.values()))) if self.columns else 0
+        for record in records:
+            for key in record:
+                self.columns.setdefault(key, [None] * size)
+            for key, column in self.columns.items():
+                column.append(record.get(key))
+            size += 1
+        self.dirty = True
+
+    def flush(self) -> None:
+        if self.dirty:
+            write_parquet(self.path, pa.table(self.columns))
+            self.dirty = False
