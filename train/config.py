@@ -33,7 +33,7 @@ class ModelConfig:
     n_heads: int = 4  # heads per layer
     d_model: int = 64  # residual stream width
     d_head: Optional[int] = None  # per-head width; default d_model // n_heads
-    n_ctx: int = 128  # context length (training sequences are this long)
+    n_ctx: int = 64  # context length (training sequences are this long)
     d_vocab: int = II("data.d_vocab")  # vocabulary size, taken from the data by default
     positional: Positional = Positional.shortformer
     layernorm: bool = True  # LayerNorm before each layer and before the unembedding
@@ -57,10 +57,10 @@ class DataConfig:
 @dataclass
 class MarkovCopiesConfig(DataConfig):
     _target_: str = "train.data.synthetic.MarkovCopies"
-    concentration: float = 0.1  # Dirichlet concentration of the Markov chain's rows (lower: peakier)
+    concentration: float = 1.0  # Dirichlet concentration of the Markov chain's rows (lower: peakier)
     spans_per_seq: int = 4  # copied spans per sequence
     span_len_min: int = 8
-    span_len_max: int = 20
+    span_len_max: int = 24
     language_seed: int = 0  # seeds the Markov chain itself, shared across runs
 
 
@@ -88,10 +88,10 @@ class TrainerConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3
+    lr: float = 5e-3
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.01
-    warmup_steps: int = 50
+    warmup_steps: int = 100
     schedule: str = "constant"  # after warm-up: constant, cosine or linear decay to min_lr_ratio * lr
     min_lr_ratio: float = 0.1
 
@@ -100,7 +100,7 @@ class OptimConfig:
 class ProbesConfig:
     every_n_steps: int = 1  # per-head scores and ICL every this many steps
     n_sequences: int = 8  # probe batch: BOS + rep_len random tokens, repeated
-    rep_len: int = 25  # R in Olsson et al. (25, repeated 4 times in 512 tokens)
+    rep_len: int = 20  # R; Olsson et al. use 25, repeated 4 times (needs n_ctx >= 101)
     exclude_fraction: float = 0.02  # drop this share of most and of least common tokens from probes
     seed: int = 0  # the probe batch is fixed by this seed
     eval_every_n_steps: int = 10  # the fixed evaluation set is measured this often (and at checkpoints)

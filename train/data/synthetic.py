@@ -34,10 +34,10 @@ class MarkovCopies:
         self,
         d_vocab: int,
         seq_len: int,
-        concentration: float = 0.1,
+        concentration: float = 1.0,
         spans_per_seq: int = 4,
         span_len_min: int = 8,
-        span_len_max: int = 20,
+        span_len_max: int = 24,
         language_seed: int = 0,
     ):
         self.d_vocab, self.seq_len = d_vocab, seq_len
