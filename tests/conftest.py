@@ -33,3 +33,13 @@ def run_train(*overrides: str, run_dir: Path, timeout: int = 600, env: dict | No
            *overrides]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
+
+
+@pytest.fixture(scope="session")
+def quickstart_run(tmp_path_factory):
+    """One trained 2-layer quickstart run (1000 steps, no W&B), shared by the tests that need a model
+    with real induction heads. About 40 s on 2 CPU cores."""
+    run_dir = tmp_path_factory.mktemp("quickstart") / "run"
+    proc = run_train("logger=none", "trainer.max_steps=1000", run_dir=run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir

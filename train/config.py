@@ -98,6 +98,7 @@ class OptimConfig:
 
 @dataclass
 class ProbesConfig:
+    enabled: bool = True  # false: only the training loss and ICL score are recorded
     every_n_steps: int = 1  # per-head scores and ICL every this many steps
     n_sequences: int = 8  # probe batch: BOS + rep_len random tokens, repeated
     rep_len: int = 20  # R; Olsson et al. use 25, repeated 4 times (needs n_ctx >= 101)

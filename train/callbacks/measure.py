@@ -50,11 +50,11 @@ class Measure(L.Callback):
             "loss": outputs["loss"].detach(),
             "icl_score": probes.icl_score(module.last_token_losses, self.late, self.early),
         }
-        if step % self.cfg.every_n_steps == 0:
+        if self.cfg.enabled and step % self.cfg.every_n_steps == 0:
             self.record(trainer, module, step, extra)
         else:
             self.pending.append((step, module.tokens_seen, extra))
-        if step % self.cfg.eval_every_n_steps == 0:
+        if self.cfg.enabled and step % self.cfg.eval_every_n_steps == 0:
             self.evaluate(module, step, module.tokens_seen)
         if step % self.cfg.flush_every_n_steps == 0:
             self.flush()

@@ -50,8 +50,10 @@ class StreamDataModule(L.LightningDataModule):
 
     def eval_tokens(self) -> torch.Tensor:
         """The fixed evaluation set: the same sequences for every checkpoint and every run sharing
-        `eval_seed` (and the generator's language)."""
-        return torch.from_numpy(self.generator(batch_rng(self.eval_seed, 0, "eval"), self.eval_size))
+        `eval_seed` (and the generator's language). A generator with an `eval_batch` method (text
+        data) draws it from its held-out split instead."""
+        draw = getattr(self.generator, "eval_batch", self.generator)
+        return torch.from_numpy(draw(batch_rng(self.eval_seed, 0, "eval"), self.eval_size))
 
     def state_dict(self) -> dict[str, Any]:
         return {"next_batch": self.next_batch}
