@@ -74,3 +74,18 @@ def test_per_token_loss_and_induction_loss():
     assert losses[0, 0].item() == pytest.approx(np.log(4))
     assert losses[0, 1:].abs().max().item() < 1e-4
     assert probes.induction_loss(losses, rep_len=2).item() == pytest.approx(0.0, abs=1e-4)
+
+
+def test_copying_score_known_answers():
+    tokens = torch.tensor([[1, 2, 3]])
+    unembed = torch.eye(4)  # the residual stream is the logits
+    pattern = torch.zeros(1, 1, 3, 3)
+    pattern[0, 0, :, 0] = 1.0  # every query attends to position 0, token 1
+    copy = torch.zeros(1, 1, 3, 4)
+    copy[..., 1] = 5.0  # raises token 1: what it attends to
+    other = torch.zeros(1, 1, 3, 4)
+    other[..., 3] = 5.0  # raises token 3: never attended
+    assert probes.copying_score(copy, pattern, tokens, unembed).item() == pytest.approx(1.0)
+    assert probes.copying_score(other, pattern, tokens, unembed).item() == pytest.approx(-1.0)
+    both = copy + other  # half the raise on the attended token
+    assert probes.copying_score(both, pattern, tokens, unembed).item() == pytest.approx(0.0, abs=1e-6)

@@ -71,6 +71,34 @@ class RepeatedTokensConfig(DataConfig):
 
 
 @dataclass
+class TextDataConfig(DataConfig):
+    """Text through Hugging Face `datasets` (see train/data/text.py). `d_vocab` is the tokenizer's
+    vocabulary plus BOS: 257 for bytes, the BPE's size for bpe."""
+
+    _target_: str = "train.data.text.TextData"
+    d_vocab: int = 1024
+    source: str = "stdlib"  # stdlib (the Python standard library's .py files) | files | hub
+    dataset: Optional[str] = None  # hub: dataset name, e.g. roneneldan/TinyStories
+    dataset_config: Optional[str] = None  # hub: config name, e.g. wikitext-103-raw-v1
+    split: str = "train"  # hub: the split to read (held-out documents are split off it)
+    revision: Optional[str] = None  # hub: a commit or tag (pin it: the cache key names it)
+    streaming: bool = True  # hub: stream rather than download everything (use with max_chars)
+    data_files: list[str] = field(default_factory=list)  # files: paths or globs
+    file_format: Optional[str] = None  # files: text | json | parquet; default from the extension
+    text_column: str = "text"  # hub, json, parquet: the column holding the text
+    sample_by: str = "paragraph"  # text files: a document is a line | paragraph | document (file)
+    stdlib_exclude: list[str] = field(default_factory=lambda: [
+        "site-packages/*", "dist-packages/*", "test/*", "*/test/*", "*/tests/*", "*/idle_test/*"])
+    max_docs: Optional[int] = None  # read at most this many documents
+    max_chars: Optional[int] = None  # read at most this many characters
+    tokenizer: str = "bpe"  # bpe (byte-level, trained on the training documents) | byte (d_vocab 257)
+    bpe_min_frequency: int = 2  # BPE: a pair must occur this often to be merged
+    heldout_fraction: float = 0.05  # share of documents held out; the evaluation set comes from them
+    split_seed: int = 0  # which documents are held out
+    cache_dir: str = "${oc.env:INDUCTION_HARNESS_CACHE,'~/.cache/induction-harness'}"  # tokenizer + packed arrays
+
+
+@dataclass
 class TrainerConfig:
     """Arguments of `lightning.Trainer`."""
 
@@ -165,6 +193,7 @@ def register() -> None:
     cs.store(name="schema", node=Config)
     cs.store(group="data", name="markov_copies_schema", node=MarkovCopiesConfig)
     cs.store(group="data", name="repeated_tokens_schema", node=RepeatedTokensConfig)
+    cs.store(group="data", name="text_schema", node=TextDataConfig)
     if not OmegaConf.has_resolver("uid"):
         # Unique per job, so runs started in the same second never share a directory.
         OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)

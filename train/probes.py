@@ -70,6 +70,81 @@ def icl_score(token_losses: Tensor, late: int, early: int) -> Tensor:
 
 
 def induction_loss(token_losses: Tensor, rep_len: int) -> Tensor:
-    """Mean loss on repeated random tokens (BOS + `rep_len` tokens, repeated) over every token after
-    the first repeat: the loss an induction mechanism can bring to zero (Olsson et al. 2022)."""
-    return token_losses[..., rep_len:].mean()
+    """Mean loss on repeated random tokens (BOS + `rep_len` tokens, repeated) over the tokens an
+    induction mechanism can predict (Olsson et al. 2022): every token after the first repeat, except
+    the second repeat's first token, whose predecessor (the first repeat's last token) never occurred
+    before. Index `i` predicts token `i + 1`, so that is indices `rep_len + 1` on."""
+    return token_losses[..., rep_len + 1:].mean()
+
+
+def _eigen_positivity(m: Tensor) -> Tensor:
+    """sum(lambda) / sum(|lambda|) over the eigenvalues of square matrices `[..., n, n]`."""
+    eig = torch.linalg.eigvals(m.double())
+    return (eig.real.sum(-1) / eig.abs().sum(-1).clamp_min(1e-12)).float()
+
+
+def ov_copying_score(W_E: Tensor, W_V: Tensor, W_O: Tensor, W_U: Tensor) -> Tensor:
+    """Weight-based copying (Elhage et al. 2021, "Copying / primarily positive eigenvalues"): the share of
+    positive eigenvalue mass of each head's full OV circuit W_E W_V W_O W_U, sum(lambda) / sum(|lambda|),
+    in [-1, 1]; a copying head is near 1. Shapes: W_E `[vocab, model]`, W_V `[head, model, d_head]`,
+    W_O `[head, d_head, model]`, W_U `[model, vocab]`; returns `[head]`. The nonzero eigenvalues of
+    W_E W_V W_O W_U equal those of W_O W_U W_E W_V `[d_head, d_head]`, which is what is computed."""
+    small = W_O @ (W_U @ W_E) @ W_V  # [head, d_head, d_head]
+    return _eigen_positivity(small)
+
+
+def induction_qk_score(W_E: Tensor, W_Q: Tensor, W_K: Tensor, W_V_prev: Tensor, W_O_prev: Tensor) -> Tensor:
+    """K-composition with a previous-token head, by eigenvalues (Elhage et al. 2021; Olsson et al. 2022):
+    the QK circuit of each later head with its keys read through the earlier head's OV circuit,
+    W_E W_Q (W_E W_V' W_O' W_K)^T, is positive-definite-like (score near 1) when a query attends to keys
+    whose *previous* token equals its own token: an induction head. Returns `[head]` of the later layer.
+    W_Q, W_K `[head, model, d_head]`; W_V_prev `[model, d_head']`, W_O_prev `[d_head', model]` of one earlier
+    head (or a sum of heads' W_V W_O written as W_V_prev @ W_O_prev)."""
+    ov = W_V_prev @ W_O_prev  # [model, model]
+    q = W_E @ W_Q  # [head, vocab, d_head]
+    k = W_E @ ov @ W_K  # [head, vocab, d_head]
+    small = k.transpose(-1, -2) @ q  # [head, d_head, d_head]: same nonzero eigenvalues as q k^T
+    return _eigen_positivity(small)
+
+
+def k_composition_score(W_Q: Tensor, W_K: Tensor, W_V_prev: Tensor, W_O_prev: Tensor) -> Tensor:
+    """K-composition (Elhage et al. 2021): ||W_QK W_OV^T||_F / (||W_QK||_F ||W_OV||_F), how much a later
+    head's keys read what an earlier head wrote. W_Q, W_K `[head, model, d_head]` of the later layer;
+    W_V_prev `[head', model, d_head']`, W_O_prev `[head', d_head', model]`. Returns `[head, head']`."""
+    qk = W_Q @ W_K.transpose(-1, -2)  # [head, model, model]
+    ov = W_V_prev @ W_O_prev  # [head', model, model]
+    comp = torch.einsum("hab,gcb->hgac", qk, ov)  # W_QK W_OV^T, [head, head', model, model]
+    norm = qk.flatten(1).norm(dim=-1)[:, None] * ov.flatten(1).norm(dim=-1)[None, :]
+    return comp.flatten(2).norm(dim=-1) / norm.clamp_min(1e-12)
+
+
+def copying_score(head_out: Tensor, pattern: Tensor, tokens: Tensor, unembed: Tensor) -> Tensor:
+    """Olsson et al.'s copying score, from a forward pass on random tokens: each head's direct
+    contribution to the residual stream, mapped through the unembedding `unembed [model, vocab]`; the
+    mean logit is subtracted and a ReLU applied (how much each token is raised); the score is the share
+    of that raise that goes to the tokens the head attends to, averaged over queries and rescaled from
+    [0, 1] to [-1, 1]. A head that copies what it attends to scores near 1.
+
+    "Attended to" is weighted: each vocabulary token counts with its attention mass relative to the most
+    attended token, so a head spreading attention evenly over several tokens and raising all of them
+    copies as fully as one attending to a single token.
+
+    head_out `[batch, head, pos, model]`, pattern `[batch, head, query, key]`, tokens `[batch, pos]`."""
+    logits = head_out @ unembed  # [batch, head, pos, vocab]
+    raise_ = (logits - logits.mean(-1, keepdim=True)).relu()
+    index = tokens[:, None, None, :].expand_as(pattern)
+    mass = torch.zeros_like(raise_).scatter_add_(-1, index, pattern)  # attention per vocab token
+    weight = mass / mass.amax(-1, keepdim=True).clamp_min(1e-12)
+    share = (weight * raise_).sum(-1) / raise_.sum(-1).clamp_min(1e-12)  # [batch, head, query]
+    return 2 * share.mean(dim=(0, 2)) - 1
+
+
+def direct_unembed(W_U: Tensor, ln_weight: Tensor | None = None) -> Tensor:
+    """The linear part of the path from the residual stream to the logits, `[model, vocab]`: the final
+    LayerNorm's centring and gain, then the unembedding. (The LayerNorm's per-position scale is
+    positive and shared by all tokens, so it does not change which tokens are raised.)"""
+    if ln_weight is None:
+        return W_U
+    d = W_U.shape[0]
+    centre = torch.eye(d, dtype=W_U.dtype, device=W_U.device) - 1.0 / d  # x -> x - mean(x)
+    return centre @ (ln_weight[:, None] * W_U)

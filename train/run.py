@@ -42,6 +42,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(run_dir)
     ckpt = check_resume(cfg, run_dir) if cfg.resume else None
+    if ckpt is not None:
+        for stale in run_dir.rglob(".*.tmp"):  # temp files of a killed run; the real files are intact
+            stale.unlink()
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     generator = build_generator(cfg)
     datamodule = build_datamodule(cfg, generator)

@@ -14,7 +14,12 @@ import torch
 from torch import Tensor
 
 from .. import probes
+from ..circuits import costly_head_scores
 from ..rundir import METRICS, Table
+
+
+# Per-head scores, `[layer, head]` each; the last three only at the evaluation cadence.
+HEAD_SCORES = ("previous_token", "prefix_matching", "copying", "ov_copying", "induction_qk")
 
 
 class Measure(L.Callback):
@@ -92,6 +97,9 @@ class Measure(L.Callback):
         was_training = module.training
         module.eval()
         losses = probes.per_token_loss(module.model(self.eval_tokens), self.eval_tokens)  # [eval, pos - 1]
+        if self.pending and self.pending[-1][0] == step and "previous_token" in self.pending[-1][2]:
+            values = self.pending[-1][2]
+            values.update(costly_head_scores(module.model, self.probe_tokens, values["previous_token"]))
         module.train(was_training)
         by_position = losses.mean(dim=0)
         if step != self.last_eval_step:
@@ -123,12 +131,12 @@ class Measure(L.Callback):
                     n_layers, n_heads = row["prefix_matching"].shape
                     for layer in range(n_layers):
                         for head in range(n_heads):
-                            pt = float(row["previous_token"][layer, head])
-                            pm = float(row["prefix_matching"][layer, head])
-                            head_rows.append({"step": step, "tokens": tokens, "layer": layer, "head": head,
-                                              "previous_token": pt, "prefix_matching": pm})
-                            logged[f"prefix_matching/L{layer}H{head}"] = pm
-                            logged[f"previous_token/L{layer}H{head}"] = pt
+                            head_row = {"step": step, "tokens": tokens, "layer": layer, "head": head}
+                            for name in HEAD_SCORES:
+                                if name in row:
+                                    head_row[name] = float(row[name][layer, head])
+                                    logged[f"{name}/L{layer}H{head}"] = head_row[name]
+                            head_rows.append(head_row)
                 log_rows.append((step, logged))
             self.tables["train"].append(train_rows)
             self.tables["heads"].append(head_rows)

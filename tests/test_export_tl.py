@@ -1,0 +1,86 @@
+"""TransformerLens export (analysis/export_tl.py): the exported HookedTransformer computes our logits."""
+
+import itertools
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformer_lens")
+
+from analysis.export_tl import ExportError, export, load_hooked_transformer, read_export  # noqa: E402
+from train.model import AttentionOnlyTransformer, ModelSpec  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def random_model(**kw) -> AttentionOnlyTransformer:
+    torch.manual_seed(0)
+    spec = dict(n_layers=2, n_heads=2, d_model=16, d_head=8, n_ctx=20, d_vocab=11)
+    model = AttentionOnlyTransformer(ModelSpec(**{**spec, **kw})).eval()
+    with torch.no_grad():
+        for p in model.parameters():  # biases and LayerNorm parameters away from their init
+            p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+@pytest.mark.parametrize("positional, layernorm, d_mlp",
+                         list(itertools.product(["shortformer", "learned", "rotary", "none"], [True, False], [0, 32])))
+def test_round_trip_logits_match(tmp_path, positional, layernorm, d_mlp):
+    model = random_model(positional=positional, layernorm=layernorm, d_mlp=d_mlp)
+    path = export(model, tmp_path / "model.pt")
+    payload = torch.load(path, weights_only=True)  # plain types only
+    assert payload["format"] == "induction-harness/transformer-lens"
+    tl = load_hooked_transformer(path)
+    assert tl.cfg.attn_only == (d_mlp == 0)
+    x = torch.randint(0, 11, (3, 20), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        diff = (model(x) - tl(x)).abs().max().item()
+    assert diff < 1e-4, diff
+
+
+def test_patterns_match_transformer_lens_hooks(tmp_path):
+    model = random_model(positional="rotary")
+    tl = load_hooked_transformer(export(model, tmp_path / "model.pt"))
+    x = torch.randint(0, 11, (2, 20))
+    with torch.no_grad():
+        _, patterns = model(x, return_patterns=True)
+        _, cache = tl.run_with_cache(x)
+    for layer, pattern in enumerate(patterns):
+        torch.testing.assert_close(pattern, cache[f"blocks.{layer}.attn.hook_pattern"], atol=1e-5, rtol=1e-4)
+
+
+def test_smeared_key_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="smeared_key"):
+        export(random_model(smeared_key=True), tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_not_an_export(tmp_path):
+    torch.save({"state_dict": {}}, tmp_path / "other.pt")
+    with pytest.raises(ExportError, match="not a TransformerLens export"):
+        read_export(tmp_path / "other.pt")
+    with pytest.raises(ExportError, match="not found"):
+        read_export(tmp_path / "missing.pt")
+
+
+def test_export_command_on_the_trained_run(quickstart_run, tmp_path):
+    from train.load import checkpoints, load_config, load_model
+
+    ckpt = checkpoints(quickstart_run)[-1]["path"]
+    out = tmp_path / "quickstart.pt"
+    proc = subprocess.run([sys.executable, "-m", "analysis", "export-tl", str(ckpt), str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    ours = load_model(ckpt, load_config(quickstart_run))
+    tl = load_hooked_transformer(out)
+    x = torch.randint(1, ours.spec.d_vocab, (4, ours.spec.n_ctx))
+    x[:, 0] = 0
+    with torch.no_grad():
+        assert (ours(x) - tl(x)).abs().max().item() < 1e-4
+    proc = subprocess.run([sys.executable, "-m", "analysis", "export-tl", str(tmp_path / "none.ckpt"), str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "none.ckpt" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -1,0 +1,62 @@
+"""Real training runs: induction heads form where the paper says they do, and not where they can't."""
+
+import json
+
+import pyarrow.parquet as pq
+
+from tests.conftest import run_train
+
+
+def read_summary(run_dir):
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+def test_quickstart_forms_induction_heads_in_a_phase_change(quickstart_run):
+    s = read_summary(quickstart_run)
+    assert s["status"] == "finished" and s["steps"] == 1000
+    strong = [h for h in s["induction_heads"] if h["layer"] >= 1 and h["prefix_matching"] >= 0.5]
+    assert strong, s["induction_heads"]
+    assert s["previous_token_heads"] and all(h["layer"] == 0 for h in s["previous_token_heads"])
+    pc = s["phase_change"]
+    assert pc is not None
+    assert pc["onset_step"] < pc["peak_step"] < pc["end_step"]
+    assert pc["icl_at_onset"] - pc["icl_at_end"] >= 0.3
+    # The window contains the step where the strongest induction head's prefix matching crosses 0.5.
+    heads = pq.read_table(quickstart_run / "metrics" / "heads.parquet").to_pandas()
+    best = strong[0]
+    curve = heads[(heads.layer == best["layer"]) & (heads.head == best["head"])].sort_values("step")
+    crossing = int(curve[curve.prefix_matching >= 0.5].step.iloc[0])
+    assert pc["onset_step"] <= crossing <= pc["end_step"], (crossing, pc)
+
+
+def test_quickstart_run_directory_holds_the_contract(quickstart_run):
+    d = quickstart_run
+    assert (d / "config.yaml").exists() and (d / "summary.json").exists()
+    train = pq.read_table(d / "metrics" / "train.parquet").to_pandas()
+    assert train.step.tolist() == list(range(0, 1001))  # every step, really
+    heads = pq.read_table(d / "metrics" / "heads.parquet").to_pandas()
+    assert len(heads) == 1001 * 2 * 4
+    index = json.loads((d / "checkpoints" / "index.json").read_text())["checkpoints"]
+    steps = [e["step"] for e in index]
+    assert steps == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 500, 512, 1000]
+    assert all((d / "checkpoints" / e["file"]).exists() for e in index)
+    losses = pq.read_table(d / "metrics" / "eval_token_losses.parquet").to_pandas()
+    assert losses.step.tolist() == steps
+    assert not list(d.rglob("*.tmp"))
+
+
+def test_one_layer_forms_no_induction_head(tmp_path):
+    proc = run_train("logger=none", "model.n_layers=1", "trainer.max_steps=1000", "checkpoint.enabled=false",
+                     run_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = read_summary(tmp_path)
+    assert s["induction_heads"] == []
+    assert max(h["prefix_matching"] for h in s["heads"]) < 0.3
+
+
+def test_smeared_key_one_layer_forms_an_induction_head(tmp_path):
+    proc = run_train("logger=none", "model.n_layers=1", "model.smeared_key=true", "trainer.max_steps=400",
+                     "checkpoint.enabled=false", run_dir=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    s = read_summary(tmp_path)
+    assert any(h["prefix_matching"] >= 0.5 for h in s["induction_heads"]), s["heads"]
