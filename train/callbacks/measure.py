@@ -33,6 +33,7 @@ class Measure(L.Callback):
         self.tables = {name: Table(Path(run_dir) / METRICS / f"{name}.parquet") for name in names}
         self.pending: list[tuple[int, int, dict[str, Tensor]]] = []
         self.last_eval_step = -1
+        self.eval_logs: dict[int, dict[str, float]] = {}  # sent to the loggers with their step's row
         self.loggers: list = []
 
     # --- Lightning hooks -------------------------------------------------------------------------
@@ -107,8 +108,7 @@ class Measure(L.Callback):
             self.tables["eval"].append([{"step": step, "tokens": tokens, "loss": loss, "icl_score": icl,
                                          "loss_by_position": by_position.cpu().tolist()}])
             self.last_eval_step = step
-            for logger in self.loggers:
-                logger.log_metrics({"eval/loss": loss, "eval/icl_score": icl}, step)
+            self.eval_logs[step] = {"eval/loss": loss, "eval/icl_score": icl}
         if keep_token_losses:
             self.tables["eval_token_losses"].append(
                 [{"step": step, "tokens": tokens, "token_losses": losses.flatten().cpu().tolist()}])
@@ -137,12 +137,16 @@ class Measure(L.Callback):
                                     head_row[name] = float(row[name][layer, head])
                                     logged[f"{name}/L{layer}H{head}"] = head_row[name]
                             head_rows.append(head_row)
-                log_rows.append((step, logged))
+                log_rows.append((step, {**logged, **self.eval_logs.pop(step, {})}))
             self.tables["train"].append(train_rows)
             self.tables["heads"].append(head_rows)
             for logger in self.loggers:
                 for step, logged in log_rows:
                     logger.log_metrics(logged, step)
             self.pending = []
+        for logger in self.loggers:
+            for step, logged in sorted(self.eval_logs.items()):
+                logger.log_metrics(logged, step)
+        self.eval_logs = {}
         for table in self.tables.values():
             table.flush()
