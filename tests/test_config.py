@@ -56,3 +56,22 @@ def test_cli_bad_value_is_one_line_and_nonzero(tmp_path):
     assert err[-1].startswith("error: model.d_model=65"), proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_non_finite_loss_stops_the_run_and_keeps_good_checkpoints(tmp_path):
+    import json
+
+    import torch
+
+    run = tmp_path / "nan"
+    proc = run_train("logger=none", "optim.lr=1e30", "optim.warmup_steps=0", "trainer.gradient_clip_val=null",
+                     "trainer.max_steps=200", "probes.flush_every_n_steps=5", run_dir=run, timeout=300)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: non-finite training loss at step")
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "failed" and "non-finite" in summary["error"]
+    index = json.loads((run / "checkpoints" / "index.json").read_text())["checkpoints"]
+    assert index, "the checkpoints before the failure are kept"
+    for entry in index:
+        state = torch.load(run / "checkpoints" / entry["file"], weights_only=True)["state_dict"]
+        assert all(torch.isfinite(v).all() for v in state.values())

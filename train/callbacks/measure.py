@@ -6,6 +6,7 @@ to the run directory's Parquet tables and sends them to the loggers (W&B, CSV) w
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +21,10 @@ from ..rundir import METRICS, Table
 
 # Per-head scores, `[layer, head]` each; the last three only at the evaluation cadence.
 HEAD_SCORES = ("previous_token", "prefix_matching", "copying", "ov_copying", "induction_qk")
+
+
+class NonFiniteLoss(RuntimeError):
+    """The training loss became NaN or infinite; the run stops without saving the broken state."""
 
 
 class Measure(L.Callback):
@@ -114,7 +119,11 @@ class Measure(L.Callback):
                 [{"step": step, "tokens": tokens, "token_losses": losses.flatten().cpu().tolist()}])
 
     def flush(self) -> None:
-        """Move pending values to the host in one transfer; write tables; send to the loggers."""
+        """Move pending values to the host in one transfer; write tables; send to the loggers.
+
+        A non-finite training loss stops the run here: rows before it are written, and since every
+        checkpoint flushes first, no checkpoint ever holds the broken state."""
+        bad_step = None
         if self.pending:
             flat = torch.cat([v[k].detach().float().flatten() for _, _, v in self.pending for k in sorted(v)]).cpu()
             offset, train_rows, head_rows, log_rows = 0, [], [], []
@@ -125,6 +134,9 @@ class Measure(L.Callback):
                     row[key] = flat[offset:offset + n].view(values[key].shape)
                     offset += n
                 train = {"step": step, "tokens": tokens, **{k: float(v) for k, v in row.items() if v.dim() == 0}}
+                if "loss" in train and not math.isfinite(train["loss"]):
+                    bad_step = step
+                    break
                 train_rows.append(train)
                 logged = {k: v for k, v in train.items() if k != "step"}
                 if "prefix_matching" in row:
@@ -150,3 +162,6 @@ class Measure(L.Callback):
         self.eval_logs = {}
         for table in self.tables.values():
             table.flush()
+        if bad_step is not None:
+            raise NonFiniteLoss(f"non-finite training loss at step {bad_step}; the run stopped there and "
+                                "kept its last good checkpoint")
