@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
@@ -29,13 +30,16 @@ def main(cfg: DictConfig) -> None:
     run_dir = Path(hc.runtime.output_dir)
     try:
         summary = run(cfg, run_dir)
-    except (ConfigError, RunError, NonFiniteLoss) as e:
+    except Exception as e:
         if hc.mode == RunMode.MULTIRUN:
-            # In a sweep, record the failure in the job's directory and let Hydra go on to the next job.
+            # In a sweep, one failing job must not stop the others: record the failure in the job's
+            # directory (the sweep summary lists it, and the sweep exits non-zero) and go on.
+            logging.getLogger(__name__).exception("job failed")
+            print(f"error: job {hc.job.num} ({hc.job.override_dirname}): {e}", file=sys.stderr)
             if not (run_dir / SUMMARY).exists():
-                write_json(run_dir / SUMMARY, {"status": "failed", "error": str(e)})
-            raise
-        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                write_json(run_dir / SUMMARY, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+            return
+        if not isinstance(e, (ConfigError, RunError, NonFiniteLoss)) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2 if isinstance(e, (ConfigError, RunError)) else 1)

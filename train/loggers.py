@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
+from lightning.pytorch.utilities import rank_zero_only
 from omegaconf import DictConfig, OmegaConf
 
 from .rundir import read_json, write_json
@@ -13,24 +14,43 @@ from .rundir import read_json, write_json
 WANDB_ID = "wandb_id.json"
 
 
+def job_identity(cfg: DictConfig, run_dir: Path) -> tuple[str | None, str, list[str]]:
+    """W&B group, name and tags of this job. In a Hydra sweep, jobs are grouped by sweep directory
+    and named by their overrides, so the runs of one sweep sit side by side and never merge."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    w = cfg.logger.wandb
+    group, name = w.group, w.name or run_dir.name
+    if HydraConfig.initialized():
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
+            group = w.group if w.group not in (None, cfg.experiment_name) else Path(hc.sweep.dir).name
+            name = w.name or hc.job.override_dirname or run_dir.name
+    tags = [*w.tags, f"n_layers={cfg.model.n_layers}", f"n_heads={cfg.model.n_heads}"]
+    return group, name, tags
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = []
     w = cfg.logger.wandb
     if w.enabled and w.mode != "disabled":
+        import wandb
+
         # One W&B run per run directory: a resumed run continues the same W&B run.
         id_file = run_dir / WANDB_ID
         run_id = read_json(id_file)["id"] if id_file.exists() else None
-        import wandb
-
+        group, name, tags = job_identity(cfg, run_dir)
         logger = WandbLogger(
-            project=w.project, entity=w.entity, group=w.group, name=w.name or run_dir.name,
-            tags=list(w.tags), save_dir=str(run_dir), id=run_id, resume="allow" if run_id else None,
+            project=w.project, entity=w.entity, group=group, name=name, tags=tags, save_dir=str(run_dir),
+            id=run_id, resume="allow" if run_id else None,
             # `mode` goes straight to wandb.init: Lightning's `offline=True` would set WANDB_MODE for
             # the whole process and leak into later jobs of a sweep.
             mode=w.mode, config=OmegaConf.to_container(cfg, resolve=True),
             settings=wandb.Settings(init_timeout=60, silent=True),
         )
-        write_json(id_file, {"id": logger.version})
+        if rank_zero_only.rank == 0:
+            write_json(id_file, {"id": logger.version})
         loggers.append(logger)
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))

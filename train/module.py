@@ -48,7 +48,7 @@ class InductionLM(L.LightningModule):
         tokens = batch["tokens"]
         losses = per_token_loss(self.model(tokens), tokens)  # [batch, pos - 1]
         self.last_token_losses = losses.detach().mean(dim=0)
-        self.tokens_seen += tokens.numel()
+        self.tokens_seen += tokens.numel() * self.trainer.world_size
         loss = losses.mean()
         self.log("loss", loss, prog_bar=True, logger=False)
         return loss

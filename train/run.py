@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import random
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
+from lightning.pytorch.utilities import rank_zero_only
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -52,7 +50,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.compile:
         model = torch.compile(model)
     module = InductionLM(model, OmegaConf.to_container(cfg.optim), cfg.trainer.max_steps)
-    if not cfg.resume:
+    if not cfg.resume and rank_zero_only.rank == 0:
         write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
 
     measure = Measure(run_dir, probe_tokens(cfg, generator), datamodule.eval_tokens(), cfg.probes, cfg.model.n_ctx)

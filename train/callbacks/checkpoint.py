@@ -58,8 +58,9 @@ class ScheduledCheckpoint(L.Callback):
     def save(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
         # Metrics up to this step reach the disk before the checkpoint that claims them.
-        self.measure.evaluate(module, step, module.tokens_seen, keep_token_losses=True)
-        self.measure.flush()
+        if trainer.is_global_zero:
+            self.measure.evaluate(module, step, module.tokens_seen, keep_token_losses=True)
+            self.measure.flush()
         name = checkpoint_name(step)
         final = self.run_dir / CHECKPOINTS / name
         tmp = final.with_name(f".{name}.tmp")

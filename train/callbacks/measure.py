@@ -49,6 +49,8 @@ class Measure(L.Callback):
         self.eval_tokens = self.eval_tokens.to(device)
         self.loggers = trainer.loggers
         step = trainer.global_step
+        if not trainer.is_global_zero:
+            return
         for table in self.tables.values():
             table.load(up_to_step=step)  # a resumed run recomputes whatever came after its checkpoint
         if step == 0:
@@ -56,6 +58,8 @@ class Measure(L.Callback):
             self.evaluate(module, step, module.tokens_seen)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        if not trainer.is_global_zero:  # under DDP, rank 0 measures and writes; the replicas are equal
+            return
         step = trainer.global_step
         extra = {
             "loss": outputs["loss"].detach(),
@@ -71,10 +75,12 @@ class Measure(L.Callback):
             self.flush()
 
     def on_train_end(self, trainer, module) -> None:
-        self.flush()
+        if trainer.is_global_zero:
+            self.flush()
 
     def on_exception(self, trainer, module, exception) -> None:
-        self.flush()
+        if trainer.is_global_zero:
+            self.flush()
 
     # --- measurements ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -69,6 +69,8 @@ class RunSummary(L.Callback):
         return summary
 
     def on_train_end(self, trainer, module) -> None:
+        if not trainer.is_global_zero:
+            return
         summary = self.write("finished")
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
@@ -79,4 +81,5 @@ class RunSummary(L.Callback):
                 experiment.summary["final_icl_score"] = summary["final"]["icl_score"]
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
-        self.write("failed", f"{type(exception).__name__}: {exception}")
+        if trainer.is_global_zero:
+            self.write("failed", f"{type(exception).__name__}: {exception}")

@@ -20,10 +20,11 @@ class _Stream(IterableDataset):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Start where the run left off: `next_batch` is restored from the checkpoint before iteration.
-        index = self.owner.next_batch
+        # Under data parallelism, step `index` of rank r trains on stream batch index * world + r.
+        owner, index = self.owner, self.owner.next_batch
         while True:
-            tokens = self.owner.generator(batch_rng(self.owner.seed, index), self.owner.batch_size)
-            yield {"tokens": torch.from_numpy(tokens), "index": index}
+            rng = batch_rng(owner.seed, index * owner.world_size + owner.rank)
+            yield {"tokens": torch.from_numpy(owner.generator(rng, owner.batch_size)), "index": index}
             index += 1
 
 
@@ -39,8 +40,11 @@ class StreamDataModule(L.LightningDataModule):
         self.generator, self.batch_size, self.seed = generator, batch_size, seed
         self.eval_size, self.eval_seed = eval_size, eval_seed
         self.next_batch = 0
+        self.rank, self.world_size = 0, 1
 
     def train_dataloader(self) -> DataLoader:
+        if self.trainer is not None:
+            self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
         return DataLoader(_Stream(self), batch_size=None, num_workers=0)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
