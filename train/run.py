@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from .build import build_datamodule, build_generator, build_model, probe_tokens
 from .callbacks.checkpoint import ScheduledCheckpoint, last_checkpoint
 from .callbacks.measure import Measure
+from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
 from .config import ConfigError, validate
 from .module import InductionLM
@@ -60,6 +61,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         callbacks.append(ScheduledCheckpoint(run_dir, measure, c.log_spaced, c.every_n_steps, c.save_last))
     summary = RunSummary(run_dir, measure, cfg)
     callbacks.append(summary)
+    if cfg.trainer.enable_progress_bar:
+        callbacks.append(StepProgressBar())
 
     loggers = build_loggers(cfg, run_dir)
     trainer = L.Trainer(
