@@ -164,6 +164,7 @@ class WandbConfig:
     group: Optional[str] = None
     name: Optional[str] = None
     tags: list[str] = field(default_factory=list)
+    init_timeout: float = 30.0  # seconds to wait for W&B online before continuing offline
 
 
 @dataclass

@@ -3,6 +3,8 @@ truth; loggers are views of it."""
 
 from __future__ import annotations
 
+import logging
+import sys
 from pathlib import Path
 
 from lightning.pytorch.loggers import CSVLogger, Logger, WandbLogger
@@ -12,6 +14,7 @@ from omegaconf import DictConfig, OmegaConf
 from .rundir import read_json, write_json
 
 WANDB_ID = "wandb_id.json"
+log = logging.getLogger(__name__)
 
 
 def job_identity(cfg: DictConfig, run_dir: Path) -> tuple[str | None, str, list[str]]:
@@ -41,14 +44,29 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         id_file = run_dir / WANDB_ID
         run_id = read_json(id_file)["id"] if id_file.exists() else None
         group, name, tags = job_identity(cfg, run_dir)
-        logger = WandbLogger(
-            project=w.project, entity=w.entity, group=group, name=name, tags=tags, save_dir=str(run_dir),
-            id=run_id, resume="allow" if run_id else None,
-            # `mode` goes straight to wandb.init: Lightning's `offline=True` would set WANDB_MODE for
-            # the whole process and leak into later jobs of a sweep.
-            mode=w.mode, config=OmegaConf.to_container(cfg, resolve=True),
-            settings=wandb.Settings(init_timeout=60, silent=True),
-        )
+        def make(mode: str) -> WandbLogger:
+            return WandbLogger(
+                project=w.project, entity=w.entity, group=group, name=name, tags=tags, save_dir=str(run_dir),
+                id=run_id, resume="allow" if run_id else None,
+                # `mode` goes straight to wandb.init: Lightning's `offline=True` would set WANDB_MODE for
+                # the whole process and leak into later jobs of a sweep.
+                mode=mode, config=OmegaConf.to_container(cfg, resolve=True),
+                settings=wandb.Settings(init_timeout=w.init_timeout, silent=True),
+            )
+
+        logger = make(w.mode)
+        if w.mode == "online" and rank_zero_only.rank == 0:
+            try:
+                logger.experiment  # start the run now: no network must not hang or kill training
+            except Exception as e:  # wandb raises several types for no network / no login
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                log.warning("W&B online unavailable (%s); continuing offline: wandb sync %s/wandb later",
+                            first, run_dir)
+                print(f"warning: W&B online unavailable ({first}); logging offline to {run_dir}/wandb",
+                      file=sys.stderr)
+                if wandb.run is not None:
+                    wandb.finish()
+                logger = make("offline")
         if rank_zero_only.rank == 0:
             write_json(id_file, {"id": logger.version})
         loggers.append(logger)

@@ -16,6 +16,7 @@ from .callbacks.measure import Measure
 from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
 from .config import ConfigError, validate
+from .load import read_checkpoint
 from .module import InductionLM
 from .rundir import CONFIG, write_text
 from .loggers import build_loggers, finish_loggers
@@ -28,6 +29,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
     ckpt = last_checkpoint(run_dir)
     if ckpt is None or not ckpt.exists():
         raise ConfigError(f"resume={run_dir}: no checkpoint listed in checkpoints/index.json")
+    read_checkpoint(ckpt)  # truncated or foreign files fail here, in one line, before any work
     saved = OmegaConf.load(run_dir / CONFIG)
     for group in ("model", "data"):
         for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
@@ -78,7 +80,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         num_sanity_val_steps=0,
     )
     try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None)
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
     finally:
         finish_loggers(loggers)
     return summary.summary or {}
