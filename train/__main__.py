@@ -39,9 +39,12 @@ def main(cfg: DictConfig) -> None:
             if not (run_dir / SUMMARY).exists():
                 write_json(run_dir / SUMMARY, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
             return
-        if not isinstance(e, (ConfigError, RunError, NonFiniteLoss)) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        expected = (ConfigError, RunError, NonFiniteLoss, OSError)
+        if not isinstance(e, expected) or os.environ.get("HYDRA_FULL_ERROR") == "1":
             raise
-        print(f"error: {e}", file=sys.stderr)
+        # An unwritable directory or a full disk: name the file.
+        message = f"{e.filename or ''}: {e.strerror or e}" if isinstance(e, OSError) else str(e)
+        print(f"error: {message}", file=sys.stderr)
         sys.exit(2 if isinstance(e, (ConfigError, RunError)) else 1)
     print_report(summary, run_dir, cfg)
 

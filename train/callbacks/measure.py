@@ -79,8 +79,8 @@ class Measure(L.Callback):
             self.flush()
 
     def on_exception(self, trainer, module, exception) -> None:
-        if trainer.is_global_zero:
-            self.flush()
+        if trainer.is_global_zero and not isinstance(exception, (NonFiniteLoss, OSError)):
+            self.flush()  # keep what was measured before the failure (not when writing itself failed)
 
     # --- measurements ----------------------------------------------------------------------------
     @torch.no_grad()
