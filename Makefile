@@ -24,6 +24,14 @@ train: setup
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# Figures of the newest run (or sweep) under runs/quickstart/ into figures/; ARGS go to the command,
+# e.g. `make figures ARGS="--only icl_score,pca"`.
+figures: setup
+	@run=$$(ls -dt runs/quickstart/*/ 2>/dev/null | head -n 1); \
+	if [ -z "$$run" ]; then echo "error: no run under runs/quickstart/ (run \`make train\` first)" >&2; exit 2; fi; \
+	echo "$(BIN)/python -m analysis figures $$run --out figures $(ARGS)"; \
+	$(BIN)/python -m analysis figures "$$run" --out figures $(ARGS)
+
 bench: setup
 	$(BIN)/python scripts/bench.py $(ARGS)
 

@@ -106,55 +106,88 @@ def test_bad_heads_and_methods_are_refused():
 # --- on the trained quickstart run -------------------------------------------------------------
 
 def run_cli(*args):
+    """`python -m analysis ARGS` in a subprocess (the real exit code and stderr)."""
     return subprocess.run([sys.executable, "-m", "analysis", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=600)
+
+
+def main(*args) -> int:
+    """The same command in-process (no interpreter start-up)."""
+    from analysis.__main__ import main as analysis_main
+
+    try:
+        return analysis_main([str(a) for a in args])
+    except SystemExit as e:  # argparse errors
+        return e.code
 
 
 def test_induction_heads_carry_the_induction_loss(quickstart_run):
     r = open_run(quickstart_run)
     induction = [(h["layer"], h["head"]) for h in r.summary["induction_heads"]]
     assert induction, "the quickstart run formed no induction head"
-    others = [(1, h) for h in range(r.cfg.model.n_heads) if (1, h) not in induction]
+    # Heads of layer 1 that are not induction heads; if every layer-1 head is one (as in the quickstart
+    # run), the heads of class "other" (neither induction nor previous-token heads).
+    others = [(1, h) for h in range(r.cfg.model.n_heads) if (1, h) not in induction] or [
+        (h["layer"], h["head"]) for h in r.summary["heads"] if h["class"] == "other"]
+    assert others
     untrained = Evaluator(r, r.model(r.checkpoints[0]))()["induction_loss"]
     evaluate = Evaluator(r, r.model(r.checkpoints[-1]))
     clean = evaluate()["induction_loss"]
     ablated = evaluate(induction)["induction_loss"]
     assert clean < 0.5 * untrained
     # Ablating the induction heads takes back most of the advantage over the untrained model ...
-    assert ablated - clean > 0.5 * (untrained - clean), (clean, ablated, untrained)
-    # ... ablating any other head of layer 1 much less.
+    assert ablated - clean > 0.8 * (untrained - clean), (clean, ablated, untrained)
+    # ... ablating any other head much less.
     for head in others:
-        assert evaluate([head])["induction_loss"] - clean < 0.25 * (ablated - clean), head
+        assert evaluate([head])["induction_loss"] - clean < 0.1 * (ablated - clean), head
 
 
 def test_ablate_command_attributes_the_icl_score_to_induction_heads(quickstart_run):
-    proc = run_cli("ablate", quickstart_run, "--checkpoints", "last", "--together")
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main("ablate", quickstart_run, "--checkpoints", "last", "--together", "induction") == 0
     table = pq.read_table(quickstart_run / "analysis" / "ablation_zero.parquet").to_pylist()
     r = open_run(quickstart_run)
-    induction = {f"{h['layer']}.{h['head']}" for h in r.summary["induction_heads"]}
+    induction = [(h["layer"], h["head"]) for h in r.summary["induction_heads"]]
     single = [row for row in table if row["n_ablated"] == 1]
     assert len(single) == r.cfg.model.n_layers * r.cfg.model.n_heads
-    clean_icl = single[0]["icl_score_clean"]
-    assert clean_icl < -0.2
-    # ICL attribution (the rise of the ICL score when a head is ablated): most of it is the induction heads'.
-    positive = {row["heads"]: max(row["delta_icl_score"], 0.0) for row in single}
-    on_induction = sum(v for h, v in positive.items() if h in induction)
-    assert on_induction > 0.5 * sum(positive.values()), positive
     assert len(table[0]["delta_token_losses"]) == r.cfg.data.eval_size * (r.cfg.model.n_ctx - 1)
-    for row in single:  # the projection undoes part of the phase change for the induction heads
-        if row["heads"] in induction:
-            assert row["undone_fraction"] > 0.1, row["heads"]
+    (joint,) = [row for row in table if row["heads"] == "+".join(f"{a}.{b}" for a, b in induction)]
+    clean_icl = joint["icl_score_clean"]
+    assert clean_icl < -0.2
+    # ICL attribution = the rise of the ICL score when heads are ablated (Olsson et al. 2022): the
+    # induction heads together account for most of the ICL score, and undo the phase change's
+    # per-token-loss improvement (projection onto the before-and-after vector).
+    assert joint["delta_icl_score"] > 0.75 * -clean_icl, joint["delta_icl_score"]
+    assert joint["undone_fraction"] > 0.5
+    special = set(induction) | {(h["layer"], h["head"]) for h in r.summary["previous_token_heads"]}
+    other = [row for row in single if (row["layer"], row["head"]) not in special]
+    assert sum(max(row["delta_icl_score"], 0) for row in other) < 0.2 * joint["delta_icl_score"]
 
 
-def test_cli_bad_input_is_one_line(tmp_path, quickstart_run):
+def test_pattern_preserving_attribution_goes_to_induction_heads(quickstart_run):
+    """Pattern-preserving ablation leaves out the paths through queries and keys, so a previous-token
+    head that only feeds the induction heads' keys gets no attribution: the per-head attributions
+    land on the induction heads."""
+    r = open_run(quickstart_run)
+    induction = {(h["layer"], h["head"]) for h in r.summary["induction_heads"]}
+    evaluate = Evaluator(r, r.model(r.checkpoints[-1]), "pattern")
+    clean = evaluate()["icl_score"]
+    n_layers, n_heads = r.shape
+    rise = {(a, b): max(evaluate([(a, b)])["icl_score"] - clean, 0.0) for a in range(n_layers) for b in range(n_heads)}
+    assert sum(v for h, v in rise.items() if h in induction) > 0.8 * sum(rise.values()), rise
+
+
+def test_cli_bad_input_is_one_line(tmp_path, quickstart_run, capsys):
     proc = run_cli("ablate", tmp_path / "nope")
-    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: ") and "nope" in proc.stderr
     (tmp_path / "empty").mkdir()
-    proc = run_cli("ablate", tmp_path / "empty")
-    assert proc.returncode == 2 and "config.yaml" in proc.stderr and "Traceback" not in proc.stderr
-    proc = run_cli("ablate", quickstart_run, "--checkpoints", "7")
-    assert proc.returncode == 2 and "index.json" in proc.stderr and "step 7" in proc.stderr
-    proc = run_cli("ablate", quickstart_run, "--method", "resample")
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    cases = [(("ablate", tmp_path / "empty"), "config.yaml"),
+             (("ablate", quickstart_run, "--checkpoints", "7"), "index.json: no checkpoint at step 7"),
+             (("ablate", quickstart_run, "--heads", "5.0"), "--heads 5.0"),
+             (("ablate", quickstart_run, "--method", "resample"), "invalid choice"),
+             (("knockout", quickstart_run, "--k", "8"), "--k 8"),
+             (("export-tl", tmp_path / "none.ckpt", tmp_path / "out.pt"), "none.ckpt: checkpoint not found")]
+    for args, expected in cases:
+        assert main(*args) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and expected in err and err.count("\n") == 1, err

@@ -182,6 +182,35 @@ def assert_clean(cache: Path) -> None:
     assert not list(cache.rglob("meta.json"))
 
 
+def test_a_build_killed_midway_leaves_no_complete_looking_cache(tmp_path, monkeypatch):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs(30)))
+    kwargs = dict(source="files", data_files=[str(path)], tokenizer="bpe", d_vocab=300)
+    import train.data.text as text_mod
+
+    real_save, calls = text_mod._save_npy, []
+
+    def dying_save(target, array):
+        calls.append(target)
+        if len(calls) == 2:  # the held-out array: die in the middle of writing it
+            def write(tmp):
+                Path(tmp).write_bytes(b"partial")
+                raise KeyboardInterrupt
+
+            text_mod.atomic_write(target, write)
+        real_save(target, array)
+
+    monkeypatch.setattr(text_mod, "_save_npy", dying_save)
+    with pytest.raises(KeyboardInterrupt):
+        text_data(tmp_path, **kwargs).prepare()
+    assert_clean(tmp_path / "cache")
+    monkeypatch.undo()
+    trained = tokenize.TRAIN_COUNT
+    again = text_data(tmp_path, **kwargs)
+    check_rows(again(batch_rng(0, 0), 4), 32, 300)
+    assert again.built and tokenize.TRAIN_COUNT == trained  # the finished tokenizer was kept
+
+
 def test_missing_file(tmp_path):
     with pytest.raises(ConfigError, match=r"^data.data_files: no such file: .*nope.txt$"):
         text_data(tmp_path, source="files", data_files=[str(tmp_path / "nope.txt")]).prepare()

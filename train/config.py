@@ -134,6 +134,7 @@ class ProbesConfig:
     seed: int = 0  # the probe batch is fixed by this seed
     eval_every_n_steps: int = 10  # the fixed evaluation set is measured this often (and at checkpoints)
     flush_every_n_steps: int = 100  # metrics reach the run directory and W&B this often
+    heatmap_every_n_steps: int = 500  # per-head score heatmap to W&B as an image (0: never)
     icl_late: Optional[int] = None  # token index; default n_ctx * 500/512 (Olsson et al.)
     icl_early: Optional[int] = None  # token index; default n_ctx * 50/512
     induction_threshold: float = 0.5  # prefix-matching score that makes a head an induction head

@@ -124,6 +124,20 @@ class Measure(L.Callback):
             self.tables["eval_token_losses"].append(
                 [{"step": step, "tokens": tokens, "token_losses": losses.flatten().cpu().tolist()}])
 
+    def log_heatmap(self, step: int, prefix_matching: Tensor, previous_token: Tensor) -> None:
+        """The per-head score grid as a W&B image (W&B loggers only)."""
+        loggers = [lg for lg in self.loggers if hasattr(lg, "log_image")]
+        if not loggers:
+            return
+        import matplotlib.pyplot as plt
+
+        from ..plots import heads_heatmap
+
+        fig = heads_heatmap(prefix_matching.numpy(), previous_token.numpy(), title=f"step {step}")
+        for logger in loggers:
+            logger.log_image(key="heads/scores", images=[fig], step=step)
+        plt.close(fig)
+
     def flush(self) -> None:
         """Move pending values to the host in one transfer; write tables; send to the loggers.
 
@@ -156,6 +170,9 @@ class Measure(L.Callback):
                                     logged[f"{name}/L{layer}H{head}"] = head_row[name]
                             head_rows.append(head_row)
                 log_rows.append((step, {**logged, **self.eval_logs.pop(step, {})}))
+                every = self.cfg.heatmap_every_n_steps
+                if every and step % every == 0 and "prefix_matching" in row:
+                    self.log_heatmap(step, row["prefix_matching"], row["previous_token"])
             self.tables["train"].append(train_rows)
             self.tables["heads"].append(head_rows)
             for logger in self.loggers:

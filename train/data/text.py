@@ -35,7 +35,7 @@ from .corpus import CorpusSpec
 from .tokenize import BOS, get_tokenizer
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 DEFAULT_CACHE = "~/.cache/induction-harness"
 
 
@@ -161,7 +161,10 @@ class TextData:
         corpus_dir = self.corpus_dir
         pack_dir = corpus_dir / f"ctx{self.seq_len}"
         if not self._load(pack_dir):
-            self._build(corpus_dir, pack_dir)
+            try:
+                self._build(corpus_dir, pack_dir)
+            except PermissionError as e:
+                raise ConfigError(f"data.cache_dir={self.cache_root}: cannot write the token cache: {e}") from None
             if not self._load(pack_dir):
                 raise RuntimeError(f"{pack_dir}: the cache just written cannot be read back")
         if self.meta.get("vocab_size", 0) > self.d_vocab:
@@ -189,7 +192,7 @@ class TextData:
         docs = corpus_mod.documents(spec)
         train_docs, held_docs = split_documents(docs, self.heldout_fraction, self.split_seed)
         tok = get_tokenizer(self.kind, self.d_vocab, train_docs, corpus_dir / "tokenizer.json",
-                            self.bpe_min_frequency)
+                            self.bpe_min_frequency, alphabet_docs=docs)
         train_ids, held_ids = tok.encode(train_docs), tok.encode(held_docs)
         total = _stream_len(train_ids) + _stream_len(held_ids)
         if total < self.seq_len - 1:

@@ -4,8 +4,11 @@ Model token ids are the tokenizer's ids plus one: id 0 is BOS, which no text can
 token is registered in the tokenizer, so a literal "<bos>" in a document is just text).
 
 - byte: id = byte + 1; `d_vocab` must be at least 257.
-- bpe: a byte-level BPE (GPT-2's pre-tokenizer and byte alphabet) with `d_vocab - 1` entries, trained
-  on the training documents; cached as `tokenizer.json` so a second run does not retrain.
+- bpe: a byte-level BPE (GPT-2's pre-tokenizer and byte-to-character map) with at most `d_vocab - 1`
+  entries, its merges trained on the training documents; cached as `tokenizer.json` so a second run
+  does not retrain. Its alphabet is the bytes that occur in the corpus (both splits), not all 256:
+  every id then stands for real text, so probes drawn at random from the vocabulary use tokens the
+  model has seen. A byte that never occurs in the corpus is dropped if later text contains it.
 """
 
 from __future__ import annotations
@@ -56,7 +59,9 @@ class BpeTokenizer:
         self.vocab_size = tokenizer.get_vocab_size() + 1  # + BOS
 
     @classmethod
-    def train(cls, docs: Sequence[str], d_vocab: int, min_frequency: int = 2) -> "BpeTokenizer":
+    def train(cls, docs: Sequence[str], d_vocab: int, min_frequency: int = 2,
+              alphabet_docs: Optional[Sequence[str]] = None) -> "BpeTokenizer":
+        """Merges from `docs`; the alphabet from the bytes of `alphabet_docs` (default `docs`)."""
         from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
         tok = Tokenizer(models.BPE())
@@ -64,7 +69,8 @@ class BpeTokenizer:
         tok.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(
             vocab_size=d_vocab - 1, min_frequency=min_frequency, show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=[],
+            initial_alphabet=byte_alphabet(alphabet_docs if alphabet_docs is not None else docs),
+            special_tokens=[],
         )
         tok.train_from_iterator(docs, trainer=trainer, length=len(docs))
         return cls(tok)
@@ -90,14 +96,41 @@ class BpeTokenizer:
         return self.tok.decode([int(i) - 1 for i in ids if i != BOS])
 
 
+def byte_alphabet(docs: Sequence[str]) -> list[str]:
+    """The byte-level characters (GPT-2's byte-to-unicode map) of the bytes that occur in `docs`."""
+    chars = set()
+    for d in docs:
+        chars.update(d)
+    present = set()
+    for c in chars:
+        present.update(c.encode("utf-8", errors="replace"))
+    table = _bytes_to_unicode()
+    return [table[b] for b in sorted(present)]
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from bytes to printable characters (as used by ByteLevel)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
+        range(ord("\xae"), ord("\xff") + 1))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 # How many times a BPE was trained in this process (tests check the cache by it, not by timing).
 TRAIN_COUNT = 0
 
 
 def get_tokenizer(kind: str, d_vocab: int, train_docs: Optional[Sequence[str]], path: Optional[Path],
-                  min_frequency: int = 2):
+                  min_frequency: int = 2, alphabet_docs: Optional[Sequence[str]] = None):
     """The tokenizer for `kind`: byte, or a BPE loaded from `path` if cached there, else trained on
-    `train_docs` and saved to `path`. Its vocabulary must fit in `d_vocab`."""
+    `train_docs` (alphabet from `alphabet_docs`) and saved to `path`. Its vocabulary must fit in
+    `d_vocab`."""
     global TRAIN_COUNT
     check(kind, d_vocab)
     if kind == "byte":
@@ -112,7 +145,7 @@ def get_tokenizer(kind: str, d_vocab: int, train_docs: Optional[Sequence[str]], 
             return tok
     if train_docs is None:
         raise ValueError("no cached tokenizer and no documents to train one on")
-    tok = BpeTokenizer.train(train_docs, d_vocab, min_frequency)
+    tok = BpeTokenizer.train(train_docs, d_vocab, min_frequency, alphabet_docs)
     TRAIN_COUNT += 1
     _check_fits(tok, d_vocab, path)
     if path is not None:

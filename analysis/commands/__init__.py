@@ -1,0 +1,15 @@
+"""Subcommands of `python -m analysis`, one module each, found by `analysis/__main__.py`.
+
+To add one (say `figures`), create `analysis/commands/figures.py` with
+
+    def register(subparsers) -> None:
+        p = subparsers.add_parser("figures", help="...", description=__doc__)
+        p.add_argument("run_dir")
+        p.set_defaults(run=run)
+
+    def run(args) -> None:
+        ...  # raise analysis.runs.AnalysisError("<file>: <what is wrong>") for bad input
+
+Keep heavy imports inside `run`, so `--help` stays fast and one command's missing optional
+dependency does not break the others.
+"""

@@ -1,0 +1,162 @@
+"""A finished run as the analysis commands see it: config, checkpoints, summary, fixed token sets.
+
+Everything is read from the run directory (the public contract in the README); errors are
+`AnalysisError`s whose one-line message names the file, which `python -m analysis` prints as
+`error: ...` with exit code 2.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig
+
+from train import probes
+from train.build import build_datamodule, build_generator, probe_tokens
+from train.data.synthetic import batch_rng
+from train.load import RunError, checkpoints, load_config, load_model
+from train.model import AttentionOnlyTransformer
+from train.rundir import SUMMARY, read_json, read_table
+
+ANALYSIS = "analysis"  # results go to RUN_DIR/analysis/
+
+
+class AnalysisError(ValueError):
+    """Bad input to an analysis command; the message names the file or argument."""
+
+
+@dataclass
+class Run:
+    path: Path
+    cfg: DictConfig
+    _models: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def out_dir(self) -> Path:
+        return self.path / ANALYSIS
+
+    @cached_property
+    def checkpoints(self) -> list[dict]:
+        """Index entries `{"step", "tokens", "file", "path"}`, oldest first."""
+        entries = checkpoints(self.path)
+        if not entries:
+            raise AnalysisError(f"{self.path / 'checkpoints/index.json'}: lists no checkpoint")
+        return entries
+
+    @cached_property
+    def summary(self) -> dict | None:
+        path = self.path / SUMMARY
+        return read_json(path) if path.exists() else None
+
+    def model(self, entry: dict) -> AttentionOnlyTransformer:
+        """The model of a checkpoint entry, in eval mode (cached)."""
+        if entry["step"] not in self._models:
+            self._models[entry["step"]] = load_model(entry["path"], self.cfg)
+        return self._models[entry["step"]]
+
+    @cached_property
+    def generator(self):
+        return build_generator(self.cfg)
+
+    @cached_property
+    def eval_tokens(self) -> torch.Tensor:
+        """The run's fixed evaluation set `[eval_size, n_ctx]` (rebuilt from its seed)."""
+        return build_datamodule(self.cfg, self.generator).eval_tokens()
+
+    @cached_property
+    def reference_tokens(self) -> torch.Tensor:
+        """A reference set for mean ablation: batch 1 of the evaluation stream (the evaluation set is
+        batch 0), so the same distribution as the evaluation set, but different sequences."""
+        draw = getattr(self.generator, "eval_batch", self.generator)
+        return torch.from_numpy(draw(batch_rng(self.cfg.data.eval_seed, 1, "eval"), self.cfg.data.eval_size))
+
+    @cached_property
+    def probe_tokens(self) -> torch.Tensor:
+        """The fixed probe batch (BOS + `rep_len` random tokens, repeated)."""
+        return probe_tokens(self.cfg, self.generator)
+
+    @property
+    def icl_positions(self) -> tuple[int, int]:
+        p = self.cfg.probes
+        return probes.icl_positions(self.cfg.model.n_ctx, p.icl_late, p.icl_early)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.cfg.model.n_layers, self.cfg.model.n_heads
+
+    def nearest_checkpoint(self, step: int) -> dict:
+        return min(self.checkpoints, key=lambda e: (abs(e["step"] - step), e["step"]))
+
+    def select_checkpoints(self, spec: str) -> list[dict]:
+        """`all`, `last`, or comma-separated steps that must each have a checkpoint."""
+        if spec == "all":
+            return list(self.checkpoints)
+        if spec == "last":
+            return [self.checkpoints[-1]]
+        by_step = {e["step"]: e for e in self.checkpoints}
+        chosen = []
+        for part in spec.split(","):
+            try:
+                step = int(part)
+            except ValueError:
+                raise AnalysisError(f"--checkpoints {spec}: expected all, last or steps like 0,100,1000") from None
+            if step not in by_step:
+                have = ", ".join(str(s) for s in by_step)
+                raise AnalysisError(f"{self.path / 'checkpoints/index.json'}: no checkpoint at step {step} (have {have})")
+            chosen.append(by_step[step])
+        return chosen
+
+    def select_heads(self, spec: str) -> list[tuple[int, int]]:
+        """`all`, `induction` (summary.json's induction heads), or `L.H,...` like `1.0,1.3`."""
+        n_layers, n_heads = self.shape
+        if spec == "all":
+            return [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
+        if spec == "induction":
+            if self.summary is None:
+                raise AnalysisError(f"{self.path / SUMMARY}: not found (has the run finished?)")
+            heads = [(h["layer"], h["head"]) for h in self.summary["induction_heads"]]
+            if not heads:
+                raise AnalysisError(f"{self.path / SUMMARY}: names no induction head")
+            return heads
+        heads = []
+        for part in spec.split(","):
+            try:
+                layer, head = (int(x) for x in part.split("."))
+            except ValueError:
+                raise AnalysisError(f"--heads {spec}: expected all, induction or LAYER.HEAD,... like 1.0,1.3") from None
+            if not (0 <= layer < n_layers and 0 <= head < n_heads):
+                raise AnalysisError(f"--heads {part}: the run's model has {n_layers} layers of {n_heads} heads")
+            heads.append((layer, head))
+        return heads
+
+    def heads_table(self):
+        """`metrics/heads.parquet` (per-step, per-head scores) as a pyarrow Table."""
+        table = read_table(self.path, "heads")
+        if table is None or table.num_rows == 0:
+            raise AnalysisError(f"{self.path / 'metrics/heads.parquet'}: not found or empty (probes disabled?)")
+        return table
+
+    def stored_token_losses(self, step: int) -> torch.Tensor | None:
+        """Per-token losses `[eval_size, n_ctx - 1]` of the evaluation set stored at `step`, if any."""
+        table = read_table(self.path, "eval_token_losses")
+        if table is None:
+            return None
+        rows = [i for i, s in enumerate(table["step"].to_pylist()) if s == step]
+        if not rows:
+            return None
+        flat = torch.tensor(table["token_losses"][rows[-1]].as_py(), dtype=torch.float32)
+        return flat.view(self.cfg.data.eval_size, self.cfg.model.n_ctx - 1)
+
+
+def open_run(path: str | Path) -> Run:
+    """Open a run directory; AnalysisError (naming the missing file) if it is not one."""
+    path = Path(path)
+    if not path.is_dir():
+        raise AnalysisError(f"{path}: no such run directory")
+    try:
+        return Run(path, load_config(path))
+    except RunError as e:
+        raise AnalysisError(str(e)) from None
