@@ -13,7 +13,7 @@ def test_offline_wandb_run_is_finished_grouped_and_per_step(tmp_path):
     assert len(files) == 1
     s = summarize(files[0])
     assert s["finished"]
-    assert s["group"] == "quickstart" and s["name"] == "wb" and s["tags"] == ["demo"]
+    assert s["group"] == "quickstart" and s["name"] == "wb" and s["tags"] == ["demo", "n_layers=2", "n_heads=4"]
     assert sorted(set(s["global_steps"])) == list(range(31))  # steps 0..30, none thinned out
     assert {"loss", "icl_score", "prefix_matching/L1H0", "previous_token/L0H0", "eval/icl_score"} <= s["history_keys"]
     assert "wandb sync" in proc.stdout
