@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from train.data.synthetic import BOS, probe_token_weights
+from train.build import probe_vocabulary
+from train.data.synthetic import BOS
 
 
 @dataclass
@@ -52,16 +53,6 @@ def accuracy(logits: Tensor, task: PatternTask) -> float:
     at = logits[task.row, task.pos]  # [query, vocab]
     choice = at.gather(-1, task.candidates).argmax(dim=-1)  # [query]
     return float((choice == task.answer).float().mean())
-
-
-def vocabulary(d_vocab: int, data_vocab: int, unigram: np.ndarray | None, exclude_fraction: float) -> np.ndarray:
-    """Token ids the tasks draw from (BOS excluded)."""
-    weights = probe_token_weights(unigram, d_vocab, exclude_fraction)
-    if weights is None:
-        weights = np.zeros(d_vocab)
-        weights[1:data_vocab] = 1.0
-    weights[BOS] = 0.0
-    return np.flatnonzero(weights)
 
 
 def labelled_patterns(vocab: np.ndarray, n_ctx: int, batch: int, rng: np.random.Generator,
@@ -112,8 +103,7 @@ def repeat_completion(vocab: np.ndarray, n_ctx: int, batch: int, rng: np.random.
 
 def build_tasks(cfg, generator, batch: int = 256, seed: int = 0) -> list[PatternTask]:
     """Both tasks for a run's config (`cfg.model`, `cfg.data`, `cfg.probes`), fixed by `seed`."""
-    unigram = generator.unigram() if hasattr(generator, "unigram") else None
-    vocab = vocabulary(cfg.model.d_vocab, cfg.data.d_vocab, unigram, cfg.probes.exclude_fraction)
+    vocab = np.flatnonzero(probe_vocabulary(cfg, generator))  # the probes' tokens, BOS excluded
     rng = np.random.default_rng([seed, 2024])
     n_ctx = cfg.model.n_ctx
     return [labelled_patterns(vocab, n_ctx, batch, rng), repeat_completion(vocab, n_ctx, batch, rng)]

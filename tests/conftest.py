@@ -40,6 +40,6 @@ def quickstart_run(tmp_path_factory):
     """One trained 2-layer quickstart run (1000 steps, no W&B), shared by the tests that need a model
     with real induction heads. About 40 s on 2 CPU cores."""
     run_dir = tmp_path_factory.mktemp("quickstart") / "run"
-    proc = run_train("logger=none", "trainer.max_steps=1000", run_dir=run_dir)
+    proc = run_train("logger=none", "trainer.max_steps=1000", run_dir=run_dir, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir

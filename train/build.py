@@ -37,14 +37,19 @@ def build_model(cfg: DictConfig) -> AttentionOnlyTransformer:
     return AttentionOnlyTransformer(spec)
 
 
-def probe_tokens(cfg: DictConfig, generator=None) -> torch.Tensor:
-    """The fixed probe batch: BOS + `rep_len` random tokens repeated to fill the context, excluding the
-    most and least common tokens when the data's token frequencies are known."""
+def probe_vocabulary(cfg: DictConfig, generator=None) -> np.ndarray:
+    """Weights `[d_vocab]` of the tokens probes draw from: the data's tokens without BOS, excluding the
+    most and least common ones when the data's token frequencies are known (Olsson et al.)."""
     unigram = generator.unigram() if hasattr(generator, "unigram") else None
-    p = cfg.probes
-    weights = probe_token_weights(unigram, cfg.model.d_vocab, p.exclude_fraction)
-    if weights is None and cfg.data.d_vocab < cfg.model.d_vocab:
+    weights = probe_token_weights(unigram, cfg.model.d_vocab, cfg.probes.exclude_fraction)
+    if weights is None:
         weights = np.zeros(cfg.model.d_vocab)
         weights[1:cfg.data.d_vocab] = 1.0
-    gen = RepeatedTokens(cfg.model.d_vocab, cfg.model.n_ctx, p.rep_len, weights)
+    return weights
+
+
+def probe_tokens(cfg: DictConfig, generator=None) -> torch.Tensor:
+    """The fixed probe batch: BOS + `rep_len` random tokens repeated to fill the context."""
+    p = cfg.probes
+    gen = RepeatedTokens(cfg.model.d_vocab, cfg.model.n_ctx, p.rep_len, probe_vocabulary(cfg, generator))
     return torch.from_numpy(gen(batch_rng(p.seed, 0, "probe"), p.n_sequences))
