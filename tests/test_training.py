@@ -24,7 +24,7 @@ def test_quickstart_forms_induction_heads_in_a_phase_change(quickstart_run):
     # The window contains the step where the strongest induction head's prefix matching crosses 0.5.
     heads = pq.read_table(quickstart_run / "metrics" / "heads.parquet").to_pandas()
     best = strong[0]
-    curve = heads[(heads.layer == best["layer"]) & (heads.head == best["head"])].sort_values("step")
+    curve = heads[(heads["layer"] == best["layer"]) & (heads["head"] == best["head"])].sort_values("step")
     crossing = int(curve[curve.prefix_matching >= 0.5].step.iloc[0])
     assert pc["onset_step"] <= crossing <= pc["end_step"], (crossing, pc)
 
