@@ -9,10 +9,12 @@ Four variants train the quickstart model on the quickstart data stream, each in 
   d  the same model as a TransformerLens `HookedTransformer`, trained by a plain loop that calls
      `run_with_cache` at the cadence of (c) and scores heads with `train.probes`
 
-tokens/s counts steps `warmup..steps` only. Time to first step is reported from process start
-(interpreter launch) and from variant start (imports done, config composed) to the end of the
-first optimizer step. `make bench ARGS="--steps 1000 --device cuda --precision bf16-mixed"`;
-trailing `key=value` arguments are Hydra overrides.
+tokens/s counts steps `warmup+1..steps` only, by wall time and by the process' CPU time (with one
+torch thread, the default, CPU time is barely disturbed by other jobs on the machine). Time to first
+step runs to the end of the first optimizer step, from process start (interpreter launch; every
+variant imports torch, Lightning and Hydra) and from variant start (imports done, config composed).
+`make bench ARGS="--device cuda --precision bf16-mixed --threads 0"`; trailing `key=value` arguments
+are Hydra overrides for every variant.
 """
 
 from __future__ import annotations
@@ -51,17 +53,16 @@ from train.module import InductionLM  # noqa: E402
 
 def compose_config(args, variant: str = "a"):
     register()
-    overrides = [*DEFAULT_OVERRIDES, *VARIANT_OVERRIDES[variant], f"trainer.max_steps={args.steps}", f"compile={args.compile}",
-                 f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}"]
-    if args.precision:
-        overrides.append(f"trainer.precision={args.precision}")
+    overrides = [*DEFAULT_OVERRIDES, *VARIANT_OVERRIDES[variant], f"trainer.max_steps={args.steps}",
+                 f"compile={args.compile}", f"trainer.accelerator={'gpu' if args.device == 'cuda' else 'cpu'}",
+                 *([f"trainer.precision={args.precision}"] if args.precision else []), *args.overrides]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("config", overrides=overrides + args.overrides)
+        return compose("config", overrides=overrides)
 
 
 class StepClock(L.Callback):
-    """Times the end of optimizer steps (a callback for the harness, `tick` for the loops): wall time,
-    and the process' CPU time, which other jobs on the machine barely disturb when torch uses 1 thread."""
+    """Wall and CPU time at the end of optimizer steps 1, `warmup` and `steps` (a callback for the
+    harness, `tick` for the plain loops)."""
 
     def __init__(self, warmup: int, steps: int, cuda: bool):
         self.warmup, self.steps, self.cuda = warmup, steps, cuda
@@ -129,7 +130,7 @@ def run_plain(cfg, device, clock) -> dict:
     return {}
 
 
-def run_harness(cfg, clock) -> dict:
+def run_harness(cfg, device, clock) -> dict:
     """`train.run.run` itself, with `clock` appended to the Trainer's callbacks."""
     import train.run
 
@@ -175,7 +176,7 @@ def run_lens(cfg, device, clock) -> dict:
     generator = build_generator(cfg)
     probe = probe_tokens(cfg, generator).to(device)
     eval_tokens = build_datamodule(cfg, generator).eval_tokens().to(device)
-    with torch.no_grad():  # same function as ours?
+    with torch.no_grad():  # the same function as ours, to float precision
         logit_diff = (lens(eval_tokens[:8]) - ours(eval_tokens[:8])).abs().max().item()
     mask = probes.prefix_matching_mask(probe)
     p, n_layers = OmegaConf.to_object(cfg.probes), cfg.model.n_layers  # a dataclass: cheap to read per step
@@ -213,12 +214,8 @@ def run_variant(args) -> None:
         torch.set_num_threads(args.threads)
     clock = StepClock(args.warmup, args.steps, cuda)
     variant_start = time.time()
-    if args.child == "a":
-        extra = run_plain(cfg, device, clock)
-    elif args.child in ("b", "c"):
-        extra = run_harness(cfg, clock)
-    else:
-        extra = run_lens(cfg, device, clock)
+    run = {"a": run_plain, "b": run_harness, "c": run_harness, "d": run_lens}[args.child]
+    extra = run(cfg, device, clock)
     assert clock.n == args.steps, f"{clock.n} steps timed, expected {args.steps}"
     tokens_per_step = cfg.data.batch_size * cfg.model.n_ctx
     tokens_per_s, tokens_per_cpu_s = clock.throughput(tokens_per_step)
@@ -232,6 +229,7 @@ def run_variant(args) -> None:
         "first_step_s_from_variant_start": clock.marks["first"][0] - variant_start,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "cuda_max_allocated_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "load_average_1min_at_end": os.getloadavg()[0],
         **extra,
     }
     Path(args.result).write_text(json.dumps(result))
@@ -247,19 +245,20 @@ def measure_in_subprocess(variant: str, args) -> dict:
         env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
-            raise SystemExit(f"variant {variant} failed:\n{proc.stderr[-4000:]}")
+            raise SystemExit(f"variant {variant} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                             f"{proc.stderr[-4000:]}")
         return json.loads(Path(result.name).read_text())
 
 
 def machine_info(device: str) -> dict:
-    import lightning
-    info = {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
-            "lightning": lightning.__version__, "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "processor": platform.processor(), "load_average_at_start": os.getloadavg()}
+    from importlib.metadata import version
+
+    info = {"platform": platform.platform(), "processor": platform.processor(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "torch": torch.__version__, "lightning": version("lightning"),
+            "load_average_at_start": os.getloadavg()}
     try:
-        from importlib.metadata import version
         info["transformer_lens"] = version("transformer-lens")
-    except Exception:  # not installed: variant d will fail and say so
+    except Exception:  # not installed: variant d fails and says so
         info["transformer_lens"] = None
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
@@ -270,11 +269,7 @@ def best_of(runs: list[dict]) -> dict:
     """Each number at its best over the repeats: highest throughput, lowest time and memory."""
     pick = {"tokens_per_s": max, "tokens_per_cpu_s": max, "first_step_s_from_process_start": min,
             "first_step_s_from_variant_start": min, "peak_rss_mib": min, "cuda_max_allocated_mib": min}
-    out = {}
-    for key, choose in pick.items():
-        values = [r[key] for r in runs if r.get(key) is not None]
-        out[key] = choose(values) if values else None
-    return out
+    return {key: choose([r[key] for r in runs]) if runs[0][key] is not None else None for key, choose in pick.items()}
 
 
 def ratios(best: dict, key: str) -> dict:
@@ -345,10 +340,9 @@ def main() -> None:
     print_table(best, runs, rat, rat_cpu)
     info["load_average_at_end"] = os.getloadavg()
     report = {"machine": info, "args": {k: v for k, v in vars(args).items() if k not in ("child", "result", "t0")},
-              "variants": VARIANTS, "variant_overrides": VARIANT_OVERRIDES,
-              "default_overrides": DEFAULT_OVERRIDES, "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True),
-              "best": best, "runs": runs, "ratios": rat,
-              "ratios_cpu_time": rat_cpu, "wall_s": time.time() - started}
+              "variants": VARIANTS, "default_overrides": DEFAULT_OVERRIDES, "variant_overrides": VARIANT_OVERRIDES,
+              "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "runs": runs, "best": best,
+              "ratios": rat, "ratios_cpu_time": rat_cpu, "wall_s": time.time() - started}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")

@@ -133,6 +133,7 @@ class ProbesConfig:
     exclude_fraction: float = 0.02  # drop this share of most and of least common tokens from probes
     seed: int = 0  # the probe batch is fixed by this seed
     eval_every_n_steps: int = 10  # the fixed evaluation set is measured this often (and at checkpoints)
+    circuits_every_n_steps: int = 100  # copying / OV / QK-composition scores (and at checkpoints; 0: only there)
     flush_every_n_steps: int = 100  # metrics reach the run directory and W&B this often
     heatmap_every_n_steps: int = 500  # per-head score heatmap to W&B as an image (0: never)
     icl_late: Optional[int] = None  # token index; default n_ctx * 500/512 (Olsson et al.)

@@ -43,6 +43,7 @@ class InductionLM(L.LightningModule):
         self.tokens_seen = 0
         # The last batch's per-position losses `[pos - 1]`, averaged over the batch, for the probes.
         self.last_token_losses: Tensor | None = None
+        self.last_loss: Tensor | None = None
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         tokens = batch["tokens"]
@@ -50,7 +51,7 @@ class InductionLM(L.LightningModule):
         self.last_token_losses = losses.detach().mean(dim=0)
         self.tokens_seen += tokens.numel() * self.trainer.world_size
         loss = losses.mean()
-        self.log("loss", loss, prog_bar=True, logger=False)
+        self.last_loss = loss.detach()  # the progress bar reads it every few steps; Measure records it
         return loss
 
     def configure_optimizers(self):

@@ -59,7 +59,7 @@ class ScheduledCheckpoint(L.Callback):
         step = trainer.global_step
         # Metrics up to this step reach the disk before the checkpoint that claims them.
         if trainer.is_global_zero:
-            self.measure.evaluate(module, step, module.tokens_seen, keep_token_losses=True)
+            self.measure.evaluate(module, step, module.tokens_seen, keep_token_losses=True, circuits=True)
             self.measure.flush()
         name = checkpoint_name(step)
         final = self.run_dir / CHECKPOINTS / name

@@ -55,7 +55,8 @@ class Measure(L.Callback):
             table.load(up_to_step=step)  # a resumed run recomputes whatever came after its checkpoint
         if step == 0:
             self.record(trainer, module, step, extra={})
-            self.evaluate(module, step, module.tokens_seen)
+            self.evaluate(module, step, module.tokens_seen, keep_token_losses=False, circuits=True)
+            self.flush()  # step 0 on disk at once (and the first table write's imports out of the loop)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         if not trainer.is_global_zero:  # under DDP, rank 0 measures and writes; the replicas are equal
@@ -70,7 +71,8 @@ class Measure(L.Callback):
         else:
             self.pending.append((step, module.tokens_seen, extra))
         if self.cfg.enabled and step % self.cfg.eval_every_n_steps == 0:
-            self.evaluate(module, step, module.tokens_seen)
+            every = self.cfg.circuits_every_n_steps
+            self.evaluate(module, step, module.tokens_seen, circuits=bool(every) and step % every == 0)
         if step % self.cfg.flush_every_n_steps == 0:
             self.flush()
 
@@ -87,8 +89,9 @@ class Measure(L.Callback):
     def probe_scores(self, model: torch.nn.Module) -> dict[str, Tensor]:
         """Per-head scores `[layer, head]` and the induction loss on the probe batch."""
         logits, patterns = model(self.probe_tokens, return_patterns=True)
-        prev = torch.stack([probes.previous_token_score(p) for p in patterns])
-        pm = torch.stack([probes.prefix_matching_score(p, self.probe_tokens, self.prefix_mask) for p in patterns])
+        stacked = torch.stack(patterns, 1).flatten(1, 2)  # every layer's heads at once: [batch, layer*head, q, k]
+        prev = probes.previous_token_score(stacked).view(len(patterns), -1)
+        pm = probes.prefix_matching_score(stacked, self.probe_tokens, self.prefix_mask).view(len(patterns), -1)
         losses = probes.per_token_loss(logits, self.probe_tokens)
         return {"previous_token": prev, "prefix_matching": pm,
                 "induction_loss": probes.induction_loss(losses, self.rep_len)}
@@ -101,15 +104,17 @@ class Measure(L.Callback):
         self.pending.append((step, module.tokens_seen, values))
 
     @torch.no_grad()
-    def evaluate(self, module: L.LightningModule, step: int, tokens: int, keep_token_losses: bool = False) -> None:
+    def evaluate(self, module: L.LightningModule, step: int, tokens: int, keep_token_losses: bool = False,
+                 circuits: bool = False) -> None:
         """Loss, ICL score and loss by position on the fixed evaluation set. With `keep_token_losses`
-        (at checkpoints), also every per-token loss, for the per-token-loss PCA."""
+        (at checkpoints), also every per-token loss, for the per-token-loss PCA; with `circuits` (at
+        checkpoints and every `circuits_every_n_steps`), the costly per-head scores."""
         if step == self.last_eval_step and not keep_token_losses:
             return
         was_training = module.training
         module.eval()
         losses = probes.per_token_loss(module.model(self.eval_tokens), self.eval_tokens)  # [eval, pos - 1]
-        if self.pending and self.pending[-1][0] == step and "previous_token" in self.pending[-1][2]:
+        if circuits and self.pending and self.pending[-1][0] == step and "previous_token" in self.pending[-1][2]:
             values = self.pending[-1][2]
             values.update(costly_head_scores(module.model, self.probe_tokens, values["previous_token"]))
         module.train(was_training)

@@ -6,6 +6,12 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class StepProgressBar(TQDMProgressBar):
+    """Shows the training loss, read from the module only when the bar refreshes (every
+    `refresh_rate` steps), so the loop is not synchronised with the device at every step."""
+
+    def __init__(self, refresh_rate: int = 10):
+        super().__init__(refresh_rate=refresh_rate)
+
     def on_train_epoch_start(self, trainer, *args) -> None:
         super().on_train_epoch_start(trainer, *args)
         self.train_progress_bar.set_description("train")
@@ -15,4 +21,6 @@ class StepProgressBar(TQDMProgressBar):
     def get_metrics(self, trainer, module):
         metrics = super().get_metrics(trainer, module)
         metrics.pop("v_num", None)
+        if getattr(module, "last_loss", None) is not None:
+            metrics["loss"] = f"{module.last_loss.item():.3f}"
         return metrics
