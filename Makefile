@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test bench figures clean
+.PHONY: setup train test test-fast bench figures clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,10 @@ train: setup
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# The quick loop while developing: everything but the tests marked slow (sweeps, SIGKILL, long runs).
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
 
 # Figures of the newest run (or sweep) under runs/quickstart/ into figures/; ARGS go to the command,
 # e.g. `make figures ARGS="--only icl_score,pca"`.

@@ -1,5 +1,6 @@
 """Exact resume: a run of 2N steps equals a run of N steps resumed for N more, even after SIGKILL."""
 
+import pytest
 import json
 import os
 import signal
@@ -56,6 +57,7 @@ def test_resume_refuses_a_different_model(tmp_path):
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model.n_heads=2"), proc.stderr
 
 
+@pytest.mark.slow
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     steps = ["trainer.max_steps=120"]

@@ -1,5 +1,6 @@
 """Sweeps: every job its own run directory and finished W&B run, failures isolated, a summary table."""
 
+import pytest
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ def check_four_jobs(sweep_dir):
         assert sorted(set(r["global_steps"])) == list(range(11))
 
 
+@pytest.mark.slow
 def test_submitit_local_sweep(tmp_path):
     proc = sweep(tmp_path, "hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10",
                  "model.n_layers=1,2", "model.n_heads=2,4")
@@ -41,6 +43,7 @@ def test_submitit_local_sweep(tmp_path):
     check_four_jobs(tmp_path / "sweep")
 
 
+@pytest.mark.slow
 def test_joblib_sweep(tmp_path):
     proc = sweep(tmp_path, "hydra/launcher=local_parallel", "model.n_layers=1,2", "model.n_heads=2,4")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -69,6 +72,7 @@ def test_sweep_summary_on_demand(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nope" in bad.stderr
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "train", f"hydra.run.dir={run}", "trainer=ddp", "trainer.accelerator=cpu",

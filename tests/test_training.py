@@ -1,5 +1,6 @@
 """Real training runs: induction heads form where the paper says they do, and not where they can't."""
 
+import pytest
 import json
 
 import pyarrow.parquet as pq
@@ -45,6 +46,7 @@ def test_quickstart_run_directory_holds_the_contract(quickstart_run):
     assert not list(d.rglob("*.tmp"))
 
 
+@pytest.mark.slow
 def test_one_layer_forms_no_induction_head(tmp_path):
     proc = run_train("logger=none", "model.n_layers=1", "trainer.max_steps=1000", "checkpoint.enabled=false",
                      run_dir=tmp_path)
