@@ -13,6 +13,9 @@ import torch
 
 from tests.conftest import ROOT, run_train
 
+# Bit-identical on the CPU with one thread: with several, some CPU kernels (fused attention) split
+# their reductions differently from run to run, a last-bit difference that then grows.
+ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 SHORT = ["logger=none", "checkpoint.every_n_steps=20", "probes.flush_every_n_steps=7",
          "probes.eval_every_n_steps=5"]
 
@@ -42,17 +45,17 @@ def assert_same_run(a, b, step):
 
 def test_resume_is_bit_identical(tmp_path):
     full, half = tmp_path / "full", tmp_path / "half"
-    assert run_train(*SHORT, "trainer.max_steps=60", run_dir=full).returncode == 0
-    assert run_train(*SHORT, "trainer.max_steps=30", run_dir=half).returncode == 0
-    proc = run_train(*SHORT, "trainer.max_steps=60", f"resume={half}", run_dir=half)
+    assert run_train(*SHORT, "trainer.max_steps=60", run_dir=full, env=ONE_THREAD).returncode == 0
+    assert run_train(*SHORT, "trainer.max_steps=30", run_dir=half, env=ONE_THREAD).returncode == 0
+    proc = run_train(*SHORT, "trainer.max_steps=60", f"resume={half}", run_dir=half, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_run(full, half, 60)
 
 
 def test_resume_refuses_a_different_model(tmp_path):
     run = tmp_path / "run"
-    assert run_train(*SHORT, "trainer.max_steps=5", run_dir=run).returncode == 0
-    proc = run_train(*SHORT, "trainer.max_steps=10", "model.n_heads=2", f"resume={run}", run_dir=run)
+    assert run_train(*SHORT, "trainer.max_steps=5", run_dir=run, env=ONE_THREAD).returncode == 0
+    proc = run_train(*SHORT, "trainer.max_steps=10", "model.n_heads=2", f"resume={run}", run_dir=run, env=ONE_THREAD)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: model.n_heads=2"), proc.stderr
 
@@ -61,12 +64,13 @@ def test_resume_refuses_a_different_model(tmp_path):
 def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
     ref, killed = tmp_path / "ref", tmp_path / "killed"
     steps = ["trainer.max_steps=120"]
-    assert run_train(*SHORT, *steps, run_dir=ref).returncode == 0
+    assert run_train(*SHORT, *steps, run_dir=ref, env=ONE_THREAD).returncode == 0
     cmd = [sys.executable, "-m", "train", f"hydra.run.dir={killed}", "trainer.enable_progress_bar=false",
            *SHORT, *steps]
     for kill_after in (20, 60, 100):  # kill it three times, at a different checkpoint each time
         args = cmd + ([f"resume={killed}"] if (killed / "checkpoints" / "index.json").exists() else [])
-        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, **ONE_THREAD})
         index = killed / "checkpoints" / "index.json"
         deadline = time.time() + 300
         while time.time() < deadline:
@@ -82,7 +86,7 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(tmp_path):
         proc.wait()
         for table in (killed / "metrics").glob("*.parquet"):
             pq.read_table(table)  # every visible file is complete
-    proc = run_train(*SHORT, *steps, f"resume={killed}", run_dir=killed)
+    proc = run_train(*SHORT, *steps, f"resume={killed}", run_dir=killed, env=ONE_THREAD)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert not list(killed.rglob("*.tmp"))
     assert_same_run(ref, killed, 120)
