@@ -46,6 +46,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from train import probes  # noqa: E402
 from train.build import build_datamodule, build_generator, build_model, probe_tokens  # noqa: E402
+from train.callbacks.measure import eval_due  # noqa: E402
 from train.config import register  # noqa: E402
 from train.data.synthetic import batch_rng  # noqa: E402
 from train.module import InductionLM  # noqa: E402
@@ -194,7 +195,7 @@ def run_lens(cfg, device, clock) -> dict:
             pending.append(torch.stack([probes.previous_token_score(x) for x in patterns]).flatten())
             pending.append(torch.stack([probes.prefix_matching_score(x, probe, mask) for x in patterns]).flatten())
             pending.append(probes.induction_loss(probes.per_token_loss(logits, probe), p.rep_len)[None])
-        if p.enabled and step % p.eval_every_n_steps == 0:
+        if p.enabled and eval_due(step, p.eval_every_n_steps):
             losses = probes.per_token_loss(lens(eval_tokens), eval_tokens)
             pending.append(torch.stack([losses.mean(), probes.icl_score(losses, late, early)]))
         if step % p.flush_every_n_steps == 0:

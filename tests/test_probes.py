@@ -89,3 +89,15 @@ def test_copying_score_known_answers():
     assert probes.copying_score(other, pattern, tokens, unembed).item() == pytest.approx(-1.0)
     both = copy + other  # half the raise on the attended token
     assert probes.copying_score(both, pattern, tokens, unembed).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_evaluation_cadence_is_log_spaced_then_linear():
+    from train.callbacks.measure import eval_due
+
+    steps = [s for s in range(0, 260) if eval_due(s, 50)]
+    assert steps[:9] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
+    early = [s for s in steps if 8 < s < 50]
+    ratios = np.diff(np.log2(early))
+    assert len(early) == 10 and np.all(ratios > 0.1) and np.all(ratios < 0.4)  # about 4 per doubling
+    assert [s for s in steps if s >= 50] == [50, 100, 150, 200, 250]
+    assert [s for s in range(0, 40) if eval_due(s, 10)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 20, 30]

@@ -37,7 +37,7 @@ def test_resume_refuses_truncated_foreign_and_missing_checkpoints(tmp_path):
 
     last.unlink()
     proc = run_train("logger=none", "trainer.max_steps=8", f"resume={run}", run_dir=run, timeout=300)
-    assert proc.returncode == 2 and "no checkpoint" in proc.stderr
+    assert proc.returncode == 2 and f"error: {last}: checkpoint not found" in proc.stderr
 
     proc = run_train("logger=none", f"resume={tmp_path / 'nowhere'}", run_dir=tmp_path / "nowhere", timeout=300)
     assert proc.returncode == 2 and "not a run directory" in proc.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -17,10 +18,63 @@ from .report import print_report
 
 register()
 
+# Asked for tracebacks (`HYDRA_FULL_ERROR=1`)? Read before `cli` sets it for Hydra.
+FULL_ERROR = os.environ.get("HYDRA_FULL_ERROR") == "1"
+
+
+def one_line(e: BaseException) -> str:
+    """An error as one line that starts with the key or file it is about: ours, Hydra's, OmegaConf's."""
+    from hydra.errors import MissingConfigException, OverrideParseException
+    from omegaconf.errors import OmegaConfBaseException
+
+    cause = e.__cause__ if isinstance(e.__cause__, OmegaConfBaseException) else e
+    text = str(e)
+    if isinstance(e, OSError) and not isinstance(e, MissingConfigException):
+        text = f"{e.filename}: {e.strerror or e}" if e.filename else str(e.strerror or e)
+    elif isinstance(cause, OmegaConfBaseException) and cause.full_key:
+        text = f"{cause.full_key}: {str(cause.msg).splitlines()[0]}"
+        hint = re.search(r"use (\+\S+)", str(e))  # a key that is not in the schema
+        if hint:
+            text += f" (a new key needs a +: {hint.group(1)})"
+    elif isinstance(e, OverrideParseException):
+        text = f"{e.override}: {e.message.splitlines()[0]}"
+    elif isinstance(e, MissingConfigException):
+        found = re.search(r"Could not find '([^']+)/([^'/]+)'", text)
+        options = re.search(r"Available options in '[^']+':\n((?:\t.*\n?)+)", text)
+        if found:
+            text = f"{found.group(1)}={found.group(2)}: no such option"
+            if options:
+                names = [n.strip() for n in options.group(1).splitlines() if not n.strip().endswith("_schema")]
+                text += f" (options: {', '.join(names)})"
+    return " ".join(text.split()) or type(e).__name__
+
+
+def remove_unstarted(run_dir: Path) -> None:
+    """A run that failed before it started leaves no directory behind: remove the files Hydra wrote
+    for it, if they are all the directory holds."""
+    from .rundir import CONFIG
+
+    if (run_dir / CONFIG).exists() or not run_dir.is_dir():
+        return
+    sub = HydraConfig.get().output_subdir or ".hydra"
+    hydra_files = {Path(sub) / n for n in ("config.yaml", "hydra.yaml", "overrides.yaml")} | {Path("train.log")}
+    present = {p.relative_to(run_dir) for p in run_dir.rglob("*") if p.is_file() or p.is_symlink()}
+    if not present <= hydra_files:
+        return
+    for rel in present:
+        (run_dir / rel).unlink(missing_ok=True)
+    for d in (run_dir / sub, run_dir):
+        try:
+            d.rmdir()
+        except OSError:
+            pass
+
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
     # Heavy imports after Hydra has parsed the command line, so `--help` and typos answer at once.
+    from omegaconf.errors import OmegaConfBaseException
+
     from .callbacks.measure import NonFiniteLoss
     from .load import RunError
     from .rundir import SUMMARY, write_json
@@ -39,15 +93,32 @@ def main(cfg: DictConfig) -> None:
             if not (run_dir / SUMMARY).exists():
                 write_json(run_dir / SUMMARY, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
             return
-        expected = (ConfigError, RunError, NonFiniteLoss, OSError)
-        if not isinstance(e, expected) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        expected = (ConfigError, RunError, NonFiniteLoss, OSError, OmegaConfBaseException)
+        if isinstance(e, expected):
+            remove_unstarted(run_dir)
+        if not isinstance(e, expected) or FULL_ERROR:
             raise
         # An unwritable directory or a full disk: name the file.
-        message = f"{e.filename or ''}: {e.strerror or e}" if isinstance(e, OSError) else str(e)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2 if isinstance(e, (ConfigError, RunError)) else 1)
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, (NonFiniteLoss, OSError)) else 2)
     print_report(summary, run_dir, cfg)
 
 
+def cli() -> None:
+    """`main`, with Hydra's own errors (an unknown key, a wrong type, an unwritable run directory)
+    reported like ours: one line naming the key or file, exit code 2 (1 for a file system error)."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    os.environ["HYDRA_FULL_ERROR"] = "1"  # Hydra raises instead of printing a multi-line report
+    try:
+        main()
+    except (HydraException, OmegaConfBaseException, ConfigError, OSError) as e:
+        if FULL_ERROR:
+            raise
+        print(f"error: {one_line(e)}", file=sys.stderr)
+        sys.exit(1 if isinstance(e, OSError) and not isinstance(e, HydraException) else 2)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -53,3 +53,12 @@ def probe_tokens(cfg: DictConfig, generator=None) -> torch.Tensor:
     p = cfg.probes
     gen = RepeatedTokens(cfg.model.d_vocab, cfg.model.n_ctx, p.rep_len, probe_vocabulary(cfg, generator))
     return torch.from_numpy(gen(batch_rng(p.seed, 0, "probe"), p.n_sequences))
+
+
+def task_batch(cfg: DictConfig, generator) -> dict[str, torch.Tensor] | None:
+    """The fixed batch of the generator's task metrics (`task_metrics`, train/data/icl_tasks.py), drawn
+    once from the probe seed; None when the data option has none."""
+    if not hasattr(generator, "task_metrics"):
+        return None
+    batch = generator.task_batch(batch_rng(cfg.probes.seed, 0, "task"), cfg.probes.task_size)
+    return {key: torch.as_tensor(np.asarray(value)) for key, value in batch.items()}

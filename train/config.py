@@ -71,12 +71,60 @@ class RepeatedTokensConfig(DataConfig):
 
 
 @dataclass
+class ICLMarkovConfig(DataConfig):
+    """In-context Markov chains (Edelman et al. 2024); see train/data/icl_tasks.py."""
+
+    _target_: str = "train.data.icl_tasks.ICLMarkov"
+    d_vocab: int = 4  # BOS + the states
+    n_states: int = 3  # states per chain (tokens 1..n_states); the paper's 3
+    alpha: float = 1.0  # Dirichlet concentration of each sequence's transition rows
+
+
+@dataclass
+class BigramTriggersConfig(DataConfig):
+    """A global bigram plus per-sequence trigger -> output pairs (Bietti et al. 2023)."""
+
+    _target_: str = "train.data.icl_tasks.BigramTriggers"
+    n_triggers: int = 5  # the most frequent tokens of the bigram become triggers
+    concentration: float = 1.0  # Dirichlet concentration of the bigram's rows
+    language_seed: int = 0  # seeds the bigram, shared across runs
+
+
+@dataclass
+class ICLClassificationConfig(DataConfig):
+    """In-context classification with bursty Zipfian classes (Reddy 2023; Chan et al. 2022)."""
+
+    _target_: str = "train.data.icl_tasks.ICLClassification"
+    d_vocab: int = 145  # at least 1 + n_labels + n_classes * items_per_class
+    n_pairs: int = 8  # exemplar (item, label) pairs before the query; needs 2 * n_pairs + 3 <= model.n_ctx
+    n_classes: int = 128
+    n_labels: int = 16  # label tokens 1..n_labels; each class has a fixed one
+    items_per_class: int = 1  # item tokens per class (an occurrence picks one at random)
+    burstiness: int = 4  # B: each context class appears B times (n_pairs / B classes)
+    p_bursty: float = 0.9  # probability the query's class is in the context
+    zipf_alpha: float = 0.0  # class frequencies ~ rank^-zipf_alpha (0: uniform)
+    noise: float = 0.0  # probability an item token is replaced by a random item token
+    language_seed: int = 0  # seeds the class -> label map, shared across runs
+
+
+@dataclass
+class RandomCopiesConfig(DataConfig):
+    """Random tokens with spans copied to later offsets: the minimal induction task."""
+
+    _target_: str = "train.data.icl_tasks.RandomCopies"
+    spans_per_seq: int = 4  # copied spans per sequence
+    span_len_min: int = 8
+    span_len_max: int = 24
+    distinct: bool = True  # original tokens drawn without replacement (needs d_vocab >= n_ctx)
+
+
+@dataclass
 class TextDataConfig(DataConfig):
     """Text through Hugging Face `datasets` (see train/data/text.py). `d_vocab` is the tokenizer's
     vocabulary plus BOS: 257 for bytes, the BPE's size for bpe."""
 
     _target_: str = "train.data.text.TextData"
-    d_vocab: int = 1024
+    d_vocab: int = 512
     source: str = "stdlib"  # stdlib (the Python standard library's .py files) | files | hub
     dataset: Optional[str] = None  # hub: dataset name, e.g. roneneldan/TinyStories
     dataset_config: Optional[str] = None  # hub: config name, e.g. wikitext-103-raw-v1
@@ -132,10 +180,11 @@ class ProbesConfig:
     rep_len: int = 20  # R; Olsson et al. use 25, repeated 4 times (needs n_ctx >= 101)
     exclude_fraction: float = 0.02  # drop this share of most and of least common tokens from probes
     seed: int = 0  # the probe batch is fixed by this seed
-    eval_every_n_steps: int = 10  # the fixed evaluation set is measured this often (and at checkpoints)
+    eval_every_n_steps: int = 50  # the fixed evaluation set: this often, log-spaced before, and at checkpoints
     circuits_every_n_steps: int = 100  # copying / OV / QK-composition scores (and at checkpoints; 0: only there)
     flush_every_n_steps: int = 100  # metrics reach the run directory and W&B this often
     heatmap_every_n_steps: int = 500  # per-head score heatmap to W&B as an image (0: never)
+    task_size: int = 64  # sequences in the fixed batch of a data option's task metrics (task/...)
     icl_late: Optional[int] = None  # token index; default n_ctx * 500/512 (Olsson et al.)
     icl_early: Optional[int] = None  # token index; default n_ctx * 50/512
     induction_threshold: float = 0.5  # prefix-matching score that makes a head an induction head
@@ -197,6 +246,10 @@ def register() -> None:
     cs.store(group="data", name="markov_copies_schema", node=MarkovCopiesConfig)
     cs.store(group="data", name="repeated_tokens_schema", node=RepeatedTokensConfig)
     cs.store(group="data", name="text_schema", node=TextDataConfig)
+    cs.store(group="data", name="icl_markov_schema", node=ICLMarkovConfig)
+    cs.store(group="data", name="bigram_triggers_schema", node=BigramTriggersConfig)
+    cs.store(group="data", name="icl_classification_schema", node=ICLClassificationConfig)
+    cs.store(group="data", name="random_copies_schema", node=RandomCopiesConfig)
     if not OmegaConf.has_resolver("uid"):
         # Unique per job, so runs started in the same second never share a directory.
         OmegaConf.register_new_resolver("uid", lambda: secrets.token_hex(3), use_cache=True)
@@ -235,8 +288,10 @@ def validate(cfg: DictConfig) -> None:
                  f"must be between 1 and data.span_len_max={d.span_len_max}")
         _require(d.span_len_min < m.n_ctx - 1, "data.span_len_min", d.span_len_min,
                  f"must be shorter than the context (model.n_ctx={m.n_ctx})")
-        _require(d.concentration > 0, "data.concentration", d.concentration, "must be positive")
         _require(d.spans_per_seq >= 0, "data.spans_per_seq", d.spans_per_seq, "must be 0 or more")
+    if "concentration" in d:
+        _require(d.concentration > 0, "data.concentration", d.concentration, "must be positive")
+    validate_icl_task(d, m)
     if "rep_len" in d:
         _require(1 <= d.rep_len < d.d_vocab, "data.rep_len", d.rep_len,
                  f"must be between 1 and data.d_vocab-1={d.d_vocab - 1}")
@@ -245,9 +300,17 @@ def validate(cfg: DictConfig) -> None:
     _require(o.warmup_steps >= 0, "optim.warmup_steps", o.warmup_steps, "must be 0 or more")
     _require(o.schedule in ("constant", "cosine", "linear"), "optim.schedule", o.schedule,
              "expected constant, cosine or linear")
+    _require(all(0 <= b < 1 for b in o.betas), "optim.betas", list(o.betas), "each must be in [0, 1)")
+    _require(0 <= o.min_lr_ratio <= 1, "optim.min_lr_ratio", o.min_lr_ratio, "must be in [0, 1]")
     _require(t.max_steps >= 1, "trainer.max_steps", t.max_steps, "must be at least 1")
-    for key in ("every_n_steps", "eval_every_n_steps", "flush_every_n_steps", "n_sequences"):
+    _require(t.accumulate_grad_batches >= 1, "trainer.accumulate_grad_batches", t.accumulate_grad_batches,
+             "must be at least 1")
+    _require(t.gradient_clip_val is None or t.gradient_clip_val >= 0, "trainer.gradient_clip_val",
+             t.gradient_clip_val, "must be 0 or more (or null: no clipping)")
+    for key in ("every_n_steps", "eval_every_n_steps", "flush_every_n_steps", "n_sequences", "task_size"):
         _require(p[key] >= 1, f"probes.{key}", p[key], "must be at least 1")
+    for key in ("circuits_every_n_steps", "heatmap_every_n_steps"):
+        _require(p[key] >= 0, f"probes.{key}", p[key], "must be 0 (off) or more")
     _require(p.rep_len >= 2, "probes.rep_len", p.rep_len, "must be at least 2")
     _require(1 + 2 * p.rep_len <= m.n_ctx, "probes.rep_len", p.rep_len,
              f"needs a context of 1 + 2 * rep_len = {1 + 2 * p.rep_len} tokens; model.n_ctx={m.n_ctx}")
@@ -264,3 +327,39 @@ def validate(cfg: DictConfig) -> None:
              "must be 0 (off) or more")
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",
              cfg.logger.wandb.mode, "expected offline, online or disabled")
+    _require(cfg.logger.wandb.init_timeout > 0, "logger.wandb.init_timeout", cfg.logger.wandb.init_timeout,
+             "must be positive (seconds)")
+
+
+def validate_icl_task(d: DictConfig, m: DictConfig) -> None:
+    """The in-context-learning tasks' checks (train/data/icl_tasks.py), by the keys each one has."""
+    if "n_states" in d:  # icl_markov
+        _require(d.n_states >= 2, "data.n_states", d.n_states, "must be at least 2")
+        _require(d.d_vocab >= d.n_states + 1, "data.d_vocab", d.d_vocab,
+                 f"must be at least data.n_states + 1 = {d.n_states + 1} (BOS and the states)")
+        _require(d.alpha > 0, "data.alpha", d.alpha, "must be positive")
+    if "n_triggers" in d:  # bigram_triggers
+        _require(1 <= d.n_triggers <= d.d_vocab - 2, "data.n_triggers", d.n_triggers,
+                 f"must be between 1 and data.d_vocab - 2 = {d.d_vocab - 2} (outputs are non-trigger tokens)")
+    if "n_pairs" in d:  # icl_classification
+        _require(d.n_pairs >= 1, "data.n_pairs", d.n_pairs, "must be at least 1")
+        _require(2 * d.n_pairs + 3 <= m.n_ctx, "data.n_pairs", d.n_pairs,
+                 f"needs 2 * n_pairs + 3 = {2 * d.n_pairs + 3} tokens (BOS, pairs, query, label); "
+                 f"model.n_ctx={m.n_ctx}")
+        _require(d.burstiness >= 1 and d.n_pairs % d.burstiness == 0, "data.burstiness", d.burstiness,
+                 f"must divide data.n_pairs={d.n_pairs}")
+        classes = d.n_pairs // d.burstiness
+        _require(d.n_labels >= max(2, classes + 2), "data.n_labels", d.n_labels,
+                 f"must be at least n_pairs / burstiness + 2 = {classes + 2} (fresh labels per context class)")
+        _require(d.n_classes > classes, "data.n_classes", d.n_classes,
+                 f"must exceed n_pairs / burstiness = {classes} (a query class absent from the context)")
+        _require(d.items_per_class >= 1, "data.items_per_class", d.items_per_class, "must be at least 1")
+        need = 1 + d.n_labels + d.n_classes * d.items_per_class
+        _require(d.d_vocab >= need, "data.d_vocab", d.d_vocab,
+                 f"must be at least 1 + n_labels + n_classes * items_per_class = {need}")
+        for key in ("p_bursty", "noise"):
+            _require(0 <= d[key] <= 1, f"data.{key}", d[key], "must be in [0, 1]")
+        _require(d.zipf_alpha >= 0, "data.zipf_alpha", d.zipf_alpha, "must be 0 or more")
+    if "distinct" in d and d.distinct:  # random_copies
+        _require(d.d_vocab >= m.n_ctx, "data.d_vocab", d.d_vocab,
+                 f"must be at least model.n_ctx={m.n_ctx} for distinct tokens (or set data.distinct=false)")

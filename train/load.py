@@ -46,10 +46,13 @@ def read_checkpoint(path: str | Path) -> dict:
     if not path.exists():
         raise RunError(f"{path}: checkpoint not found")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated files, foreign pickles that would run code, ...
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise RunError(f"{path}: not a loadable checkpoint ({first})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise RunError(f"{path}: not a checkpoint of this harness (no state_dict)")
+    return state
 
 
 def load_model(path: str | Path, cfg: DictConfig) -> AttentionOnlyTransformer:

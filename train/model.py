@@ -10,6 +10,7 @@ editing heads (ablations), takes the explicit path, which computes the same func
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable
@@ -47,6 +48,12 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     t = x.shape[-2]
     return x * cos[:t] + rotated * sin[:t]
+
+
+@functools.lru_cache(maxsize=8)
+def future_mask(t: int, device: torch.device) -> Tensor:
+    """`[t, t]`, True above the diagonal (keys after the query); cached: probes call this every step."""
+    return torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
 
 
 class Attention(nn.Module):
@@ -93,10 +100,8 @@ class Attention(nn.Module):
             if edit is not None and edit.pattern is not None:
                 pattern = edit.pattern
             else:
-                t = q.shape[-2]
                 scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)  # [batch, head, query, key]
-                causal = torch.ones(t, t, dtype=torch.bool, device=q.device).tril()
-                pattern = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+                pattern = scores.masked_fill_(future_mask(q.shape[-2], q.device), float("-inf")).softmax(dim=-1)
             z = pattern @ v  # [batch, head, pos, d_head]
             if edit is not None and edit.z is not None:
                 z = edit.z(z)

@@ -10,13 +10,13 @@ from lightning.pytorch.utilities import rank_zero_only
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .build import build_datamodule, build_generator, build_model, probe_tokens
-from .callbacks.checkpoint import ScheduledCheckpoint, last_checkpoint
+from .build import build_datamodule, build_generator, build_model, probe_tokens, task_batch
+from .callbacks.checkpoint import FiniteGuard, ScheduledCheckpoint, last_checkpoint
 from .callbacks.measure import Measure
 from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
 from .config import ConfigError, validate
-from .load import read_checkpoint
+from .load import RunError, read_checkpoint
 from .module import InductionLM
 from .rundir import CONFIG, write_text
 from .loggers import build_loggers, finish_loggers
@@ -27,9 +27,12 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
     if not (run_dir / CONFIG).exists():
         raise ConfigError(f"resume={run_dir}: not a run directory (no {CONFIG})")
     ckpt = last_checkpoint(run_dir)
-    if ckpt is None or not ckpt.exists():
+    if ckpt is None:
         raise ConfigError(f"resume={run_dir}: no checkpoint listed in checkpoints/index.json")
-    read_checkpoint(ckpt)  # truncated or foreign files fail here, in one line, before any work
+    state = read_checkpoint(ckpt)  # truncated or foreign files fail here, in one line, before any work
+    missing = [k for k in ("state_dict", "optimizer_states", "loops", "tokens_seen") if k not in state]
+    if missing:
+        raise RunError(f"{ckpt}: not a checkpoint of this harness (no {', '.join(missing)})")
     saved = OmegaConf.load(run_dir / CONFIG)
     for group in ("model", "data"):
         for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
@@ -53,14 +56,16 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.compile:
         model = torch.compile(model)
     module = InductionLM(model, OmegaConf.to_container(cfg.optim), cfg.trainer.max_steps)
+    measure = Measure(run_dir, probe_tokens(cfg, generator), datamodule.eval_tokens(), cfg.probes, cfg.model.n_ctx,
+                      task=generator, task_batch=task_batch(cfg, generator))
+    # After the data is ready: bad data leaves no run directory behind.
     if not cfg.resume and rank_zero_only.rank == 0:
         write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
-
-    measure = Measure(run_dir, probe_tokens(cfg, generator), datamodule.eval_tokens(), cfg.probes, cfg.model.n_ctx)
-    callbacks: list[L.Callback] = [measure]
+    guard = FiniteGuard(cfg.probes.flush_every_n_steps)  # first: a NaN stops the run before anything else
+    callbacks: list[L.Callback] = [guard, measure]
     c = cfg.checkpoint
     if c.enabled:
-        callbacks.append(ScheduledCheckpoint(run_dir, measure, c.log_spaced, c.every_n_steps, c.save_last))
+        callbacks.append(ScheduledCheckpoint(run_dir, measure, c.log_spaced, c.every_n_steps, c.save_last, guard))
     summary = RunSummary(run_dir, measure, cfg)
     callbacks.append(summary)
     if cfg.trainer.enable_progress_bar:

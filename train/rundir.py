@@ -24,16 +24,29 @@ INDEX = "checkpoints/index.json"
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call `write(tmp_path)`, then rename the temp file over `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    except BaseException as e:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        err = named(e, path)
+        if err is e:
+            raise
+        raise err from e
+
+
+def named(e: BaseException, path: str | Path) -> BaseException:
+    """An OSError that names `path` (a failing write, e.g. a full disk, often names no file, or the
+    temp file); any other exception as it is."""
+    if not isinstance(e, OSError) or (e.filename and not str(e.filename).endswith(".tmp")):
+        return e
+    return OSError(e.errno, e.strerror or str(e), str(path))
 
 
 def write_text(path: str | Path, text: str) -> None:

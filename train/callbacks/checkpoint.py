@@ -10,9 +10,10 @@ import os
 from pathlib import Path
 
 import lightning as L
+import torch
 
-from ..rundir import CHECKPOINTS, INDEX, read_json, write_json
-from .measure import Measure
+from ..rundir import CHECKPOINTS, INDEX, named, read_json, write_json
+from .measure import Measure, NonFiniteLoss
 
 
 def is_scheduled(step: int, log_spaced: bool, every_n_steps: int) -> bool:
@@ -35,10 +36,61 @@ def last_checkpoint(run_dir: str | Path) -> Path | None:
     return Path(run_dir) / CHECKPOINTS / entries[-1]["file"] if entries else None
 
 
+class FiniteGuard(L.Callback):
+    """Stops the run at the first step whose loss or gradients are NaN or infinite, before any later
+    checkpoint: the step is noted on the device at every step (no host sync) and checked every
+    `check_every` steps, at every checkpoint and at the end. Put it first among the callbacks."""
+
+    def __init__(self, check_every: int):
+        self.check_every = check_every
+        self.first_bad_loss: torch.Tensor | None = None
+        self.first_bad_grad: torch.Tensor | None = None
+
+    def _note(self, attr: str, finite: torch.Tensor, step: int) -> None:
+        first = getattr(self, attr)
+        if first is None:
+            first = torch.full((), -1, dtype=torch.long, device=finite.device)
+        setattr(self, attr, torch.where((first < 0) & ~finite, step, first))
+
+    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 loss scaling skips steps with infinite gradients by design
+        grads = [p.grad for p in module.parameters() if p.grad is not None]
+        if grads:  # the step this update leads to, as Measure counts steps
+            norms = torch._foreach_norm(grads)
+            self._note("first_bad_grad", torch.isfinite(torch.stack(norms).sum()), trainer.global_step + 1)
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if isinstance(loss, torch.Tensor):
+            self._note("first_bad_loss", torch.isfinite(loss.detach()), trainer.global_step)
+        if trainer.global_step % self.check_every == 0:
+            self.check()
+
+    def on_train_end(self, trainer, module) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Raise NonFiniteLoss naming the first bad step, if there was one (one host sync)."""
+        if self.first_bad_loss is None and self.first_bad_grad is None:
+            return
+        loss, grad = (-1 if t is None else int(t) for t in (self.first_bad_loss, self.first_bad_grad))
+        if loss >= 0 and (grad < 0 or loss <= grad):
+            what, step = "training loss", loss
+        elif grad >= 0:
+            what, step = "gradients", grad
+        else:
+            return
+        raise NonFiniteLoss(f"non-finite {what} at step {step}; the run stopped there and kept its last good "
+                            "checkpoint")
+
+
 class ScheduledCheckpoint(L.Callback):
-    def __init__(self, run_dir: Path, measure: Measure, log_spaced: bool, every_n_steps: int, save_last: bool):
+    def __init__(self, run_dir: Path, measure: Measure, log_spaced: bool, every_n_steps: int, save_last: bool,
+                 guard: FiniteGuard | None = None):
         self.run_dir = Path(run_dir)
         self.measure = measure
+        self.guard = guard
         self.log_spaced, self.every_n_steps, self.save_last = log_spaced, every_n_steps, save_last
         self.last_saved = -1
 
@@ -57,6 +109,8 @@ class ScheduledCheckpoint(L.Callback):
 
     def save(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         step = trainer.global_step
+        if self.guard is not None:
+            self.guard.check()  # never a checkpoint of a model that a NaN has reached
         # Metrics up to this step reach the disk before the checkpoint that claims them.
         if trainer.is_global_zero:
             self.measure.evaluate(module, step, module.tokens_seen, keep_token_losses=True, circuits=True)
@@ -64,9 +118,17 @@ class ScheduledCheckpoint(L.Callback):
         name = checkpoint_name(step)
         final = self.run_dir / CHECKPOINTS / name
         tmp = final.with_name(f".{name}.tmp")
-        trainer.save_checkpoint(tmp, weights_only=False)
+        try:
+            trainer.save_checkpoint(tmp, weights_only=False)
+            if trainer.is_global_zero:
+                os.replace(tmp, final)
+        except BaseException as e:  # e.g. a full disk: no partial file stays, the earlier ones are intact
+            tmp.unlink(missing_ok=True)
+            err = named(e, final)
+            if err is e:
+                raise
+            raise err from e
         if trainer.is_global_zero:
-            os.replace(tmp, final)
             index_path = self.run_dir / INDEX
             entries = read_json(index_path)["checkpoints"] if index_path.exists() else []
             entries = [e for e in entries if e["step"] < step]

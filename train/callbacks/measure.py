@@ -1,4 +1,5 @@
-"""Measurement at every step: per-head scores on a fixed probe batch, the ICL score, the evaluation set.
+"""Measurement at every step: per-head scores on a fixed probe batch, the ICL score, the evaluation set,
+and the data option's own task metrics (`task/...`, train/data/icl_tasks.py) when it has them.
 
 Values stay on the device until a flush, which moves them to the host in one transfer, appends them
 to the run directory's Parquet tables and sends them to the loggers (W&B, CSV) with their own steps.
@@ -23,13 +24,28 @@ from ..rundir import METRICS, Table
 HEAD_SCORES = ("previous_token", "prefix_matching", "copying", "ov_copying", "induction_qk")
 
 
+def eval_due(step: int, every: int, per_octave: int = 4) -> bool:
+    """Whether the evaluation set is measured at `step`: every `every` steps, and before the first of
+    those at `per_octave` log-spaced steps per doubling (1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 13, 16, ...),
+    so curves over log tokens start dense while a long run pays almost nothing for them."""
+    if step % every == 0:
+        return True
+    if step >= every:
+        return False
+    k = round(per_octave * math.log2(step))
+    return round(2 ** (k / per_octave)) == step
+
+
 class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the run stops without saving the broken state."""
 
 
 class Measure(L.Callback):
-    def __init__(self, run_dir: Path, probe_tokens: Tensor, eval_tokens: Tensor, cfg: Any, n_ctx: int):
+    def __init__(self, run_dir: Path, probe_tokens: Tensor, eval_tokens: Tensor, cfg: Any, n_ctx: int,
+                 task: Any = None, task_batch: dict[str, Tensor] | None = None):
         self.cfg = cfg
+        # The generator's `task_metrics(logits, batch)` and its fixed batch (at least "tokens").
+        self.task, self.task_batch = (task, task_batch) if task_batch is not None else (None, None)
         self.probe_tokens, self.eval_tokens = probe_tokens, eval_tokens
         self.prefix_mask = probes.prefix_matching_mask(probe_tokens)  # fixed batch: computed once
         self.rep_len = cfg.rep_len
@@ -47,6 +63,8 @@ class Measure(L.Callback):
         self.probe_tokens = self.probe_tokens.to(device)
         self.prefix_mask = self.prefix_mask.to(device)
         self.eval_tokens = self.eval_tokens.to(device)
+        if self.task_batch is not None:
+            self.task_batch = {k: v.to(device) for k, v in self.task_batch.items()}
         self.loggers = trainer.loggers
         step = trainer.global_step
         if not trainer.is_global_zero:
@@ -70,7 +88,7 @@ class Measure(L.Callback):
             self.record(trainer, module, step, extra)
         else:
             self.pending.append((step, module.tokens_seen, extra))
-        if self.cfg.enabled and step % self.cfg.eval_every_n_steps == 0:
+        if self.cfg.enabled and eval_due(step, self.cfg.eval_every_n_steps):
             every = self.cfg.circuits_every_n_steps
             self.evaluate(module, step, module.tokens_seen, circuits=bool(every) and step % every == 0)
         if step % self.cfg.flush_every_n_steps == 0:
@@ -96,10 +114,17 @@ class Measure(L.Callback):
         return {"previous_token": prev, "prefix_matching": pm,
                 "induction_loss": probes.induction_loss(losses, self.rep_len)}
 
+    @torch.no_grad()
+    def task_scores(self, model: torch.nn.Module) -> dict[str, Tensor]:
+        """The data option's task metrics on its fixed batch (scalars named `task/...`), or nothing."""
+        if self.task is None:
+            return {}
+        return self.task.task_metrics(model(self.task_batch["tokens"]), self.task_batch)
+
     def record(self, trainer: L.Trainer, module: L.LightningModule, step: int, extra: dict[str, Tensor]) -> None:
         was_training = module.training
         module.eval()
-        values = {**extra, **self.probe_scores(module.model)}
+        values = {**extra, **self.probe_scores(module.model), **self.task_scores(module.model)}
         module.train(was_training)
         self.pending.append((step, module.tokens_seen, values))
 

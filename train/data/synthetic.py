@@ -66,22 +66,37 @@ class MarkovCopies:
 
     def __call__(self, rng: np.random.Generator, batch: int) -> np.ndarray:
         body = self.markov(rng, batch)  # [batch, seq_len - 1]
-        t_body = body.shape[1]
-        idx = np.broadcast_to(np.arange(t_body), body.shape).copy()
-        pos = np.arange(t_body)[None, :]
-        n = self.spans_per_seq
-        length = rng.integers(self.span_len_min, self.span_len_max + 1, size=(batch, n))
-        # Destinations in increasing order: everything before a destination is final when it is copied.
-        dst = np.sort(rng.integers(self.span_len_min, t_body, size=(batch, n)), axis=1)
-        length = np.minimum(length, dst)  # the source must fit before the destination
-        src = (rng.random((batch, n)) * (dst - length + 1)).astype(np.int64)
-        for k in range(n):
-            d, s, ln = dst[:, k, None], src[:, k, None], length[:, k, None]
-            inside = (pos >= d) & (pos < d + ln)
-            from_pos = np.clip(pos - d + s, 0, t_body - 1)
-            idx = np.where(inside, np.take_along_axis(idx, from_pos, axis=1), idx)
-        tokens = np.take_along_axis(body, idx, axis=1)
+        tokens, _ = copy_spans(rng, body, self.spans_per_seq, self.span_len_min, self.span_len_max)
         return np.concatenate([np.full((batch, 1), BOS, dtype=np.int64), tokens], axis=1)
+
+
+def copy_spans(
+    rng: np.random.Generator, body: np.ndarray, spans_per_seq: int, span_len_min: int, span_len_max: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Copy `spans_per_seq` spans of `span_len_min..span_len_max` tokens of each row of `body`
+    `[batch, T]` from earlier in the row to a later random offset (running off the end is allowed).
+
+    Returns the tokens `[batch, T]` and `span [batch, T]`: the index of the copy that wrote each
+    position, -1 where the token is the original. Later copies overwrite earlier ones, and their
+    source may lie inside an earlier copy (everything before a destination is final when it is copied).
+    """
+    batch, t_body = body.shape
+    idx = np.broadcast_to(np.arange(t_body), body.shape).copy()
+    span = np.full(body.shape, -1, dtype=np.int64)
+    pos = np.arange(t_body)[None, :]
+    n = spans_per_seq
+    length = rng.integers(span_len_min, span_len_max + 1, size=(batch, n))
+    # Destinations in increasing order: everything before a destination is final when it is copied.
+    dst = np.sort(rng.integers(span_len_min, t_body, size=(batch, n)), axis=1)
+    length = np.minimum(length, dst)  # the source must fit before the destination
+    src = (rng.random((batch, n)) * (dst - length + 1)).astype(np.int64)
+    for k in range(n):
+        d, s, ln = dst[:, k, None], src[:, k, None], length[:, k, None]
+        inside = (pos >= d) & (pos < d + ln)
+        from_pos = np.clip(pos - d + s, 0, t_body - 1)
+        idx = np.where(inside, np.take_along_axis(idx, from_pos, axis=1), idx)
+        span = np.where(inside, k, span)
+    return np.take_along_axis(body, idx, axis=1), span
 
 
 class RepeatedTokens:
