@@ -273,8 +273,8 @@ def test_tokenizer_vocabulary_mismatch(tmp_path, compose_cfg):
     with pytest.raises(ConfigError, match=r"^data.tokenizer=wordpiece"):
         text_data(tmp_path, source="files", data_files=[str(path)], tokenizer="wordpiece").prepare()
     assert_clean(tmp_path / "cache")
-    cfg = compose_cfg("data=text_stdlib", "model.d_vocab=512")  # data.d_vocab stays 1024
-    with pytest.raises(ConfigError, match=r"^data.d_vocab=1024: exceeds model.d_vocab=512"):
+    cfg = compose_cfg("data=text_stdlib", "model.d_vocab=256")  # data.d_vocab stays 512
+    with pytest.raises(ConfigError, match=r"^data.d_vocab=512: exceeds model.d_vocab=256"):
         validate(cfg)
 
 

@@ -44,6 +44,7 @@ class InductionLM(L.LightningModule):
         # The last batch's per-position losses `[pos - 1]`, averaged over the batch, for the probes.
         self.last_token_losses: Tensor | None = None
         self.last_loss: Tensor | None = None
+        self.last_grad_norm: Tensor | None = None  # before clipping; set by configure_gradient_clipping
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         tokens = batch["tokens"]
@@ -53,6 +54,19 @@ class InductionLM(L.LightningModule):
         loss = losses.mean()
         self.last_loss = loss.detach()  # the progress bar reads it every few steps; Measure records it
         return loss
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        """Clip by global norm as Lightning does, keeping the norm (`last_grad_norm`, on the device): the
+        finite-gradient guard and the metrics read it, so the norm is computed once per step."""
+        if gradient_clip_algorithm == "value":
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.nn.utils.get_total_norm(grads)
+        if gradient_clip_val and gradient_clip_algorithm != "value":
+            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, norm)
+        self.last_grad_norm = norm.detach()
 
     def configure_optimizers(self):
         o = self.optim

@@ -52,19 +52,16 @@ class FiniteGuard(L.Callback):
             first = torch.full((), -1, dtype=torch.long, device=finite.device)
         setattr(self, attr, torch.where((first < 0) & ~finite, step, first))
 
-    def on_before_optimizer_step(self, trainer, module, optimizer) -> None:
-        if getattr(trainer.precision_plugin, "scaler", None) is not None:
-            return  # fp16 loss scaling skips steps with infinite gradients by design
-        grads = [p.grad for p in module.parameters() if p.grad is not None]
-        if grads:  # the step this update leads to, as Measure counts steps
-            norms = torch._foreach_norm(grads)
-            self._note("first_bad_grad", torch.isfinite(torch.stack(norms).sum()), trainer.global_step + 1)
-
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step  # the step this batch's update led to, as Measure counts steps
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         if isinstance(loss, torch.Tensor):
-            self._note("first_bad_loss", torch.isfinite(loss.detach()), trainer.global_step)
-        if trainer.global_step % self.check_every == 0:
+            self._note("first_bad_loss", torch.isfinite(loss.detach()), step)
+        norm = getattr(module, "last_grad_norm", None)  # computed once, with the clipping
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None  # fp16 skips such steps itself
+        if norm is not None and not scaled:
+            self._note("first_bad_grad", torch.isfinite(norm), step)
+        if step % self.check_every == 0:
             self.check()
 
     def on_train_end(self, trainer, module) -> None:

@@ -84,6 +84,8 @@ class Measure(L.Callback):
             "loss": outputs["loss"].detach(),
             "icl_score": probes.icl_score(module.last_token_losses, self.late, self.early),
         }
+        if getattr(module, "last_grad_norm", None) is not None:
+            extra["grad_norm"] = module.last_grad_norm  # before clipping
         if self.cfg.enabled and step % self.cfg.every_n_steps == 0:
             self.record(trainer, module, step, extra)
         else:
