@@ -54,6 +54,7 @@ def test_one_layer_forms_no_induction_head(tmp_path):
     s = read_summary(tmp_path)
     assert s["induction_heads"] == []
     assert max(h["prefix_matching"] for h in s["heads"]) < 0.3
+    assert s["phase_change"] is None  # its early in-context-frequency gain stays under phase.min_drop
 
 
 def test_smeared_key_one_layer_forms_an_induction_head(tmp_path):
