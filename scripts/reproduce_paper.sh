@@ -3,7 +3,7 @@
 #   attention-only 1-3 layers, smeared key 1-2 layers, with MLPs 1-2 layers (each at the quickstart
 #   settings: conf/experiment/quickstart.yaml), per-head ablations of every run, `python -m analysis figures`.
 #
-#   scripts/reproduce_paper.sh                     # into runs/paper/<date>_<time>/ (about 10-20 min on a laptop CPU)
+#   scripts/reproduce_paper.sh                     # into runs/paper/<date>_<time>/ (13 min on a 2-core CPU)
 #   scripts/reproduce_paper.sh OUT_DIR [OVERRIDES]  # e.g. OUT_DIR trainer=gpu logger=none
 #
 # Extra arguments are Hydra overrides passed to every training run. Figures: OUT_DIR/figures/index.html.
