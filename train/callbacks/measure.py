@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -156,7 +157,7 @@ class Measure(L.Callback):
             self.tables["eval_token_losses"].append(
                 [{"step": step, "tokens": tokens, "token_losses": losses.flatten().cpu().tolist()}])
 
-    def log_heatmap(self, step: int, prefix_matching: Tensor, previous_token: Tensor) -> None:
+    def log_heatmap(self, step: int, prefix_matching: np.ndarray, previous_token: np.ndarray) -> None:
         """The per-head score grid as a W&B image (W&B loggers only)."""
         loggers = [lg for lg in self.loggers if hasattr(lg, "log_image")]
         if not loggers:
@@ -165,7 +166,7 @@ class Measure(L.Callback):
 
         from ..plots import heads_heatmap
 
-        fig = heads_heatmap(prefix_matching.numpy(), previous_token.numpy(), title=f"step {step}")
+        fig = heads_heatmap(prefix_matching, previous_token, title=f"step {step}")
         for logger in loggers:
             logger.log_image(key="heads/scores", images=[fig], step=step)
         plt.close(fig)
@@ -177,15 +178,16 @@ class Measure(L.Callback):
         checkpoint flushes first, no checkpoint ever holds the broken state."""
         bad_step = None
         if self.pending:
-            flat = torch.cat([v[k].detach().float().flatten() for _, _, v in self.pending for k in sorted(v)]).cpu()
+            flat = torch.cat([v[k].detach().float().flatten() for _, _, v in self.pending for k in sorted(v)])
+            flat = flat.cpu().numpy()  # host-side unpacking in numpy: indexing tensors costs microseconds each
             offset, train_rows, head_rows, log_rows = 0, [], [], []
             for step, tokens, values in self.pending:
-                row: dict[str, Tensor] = {}
+                row: dict[str, np.ndarray] = {}
                 for key in sorted(values):
                     n = values[key].numel()
-                    row[key] = flat[offset:offset + n].view(values[key].shape)
+                    row[key] = flat[offset:offset + n].reshape(tuple(values[key].shape))
                     offset += n
-                train = {"step": step, "tokens": tokens, **{k: float(v) for k, v in row.items() if v.dim() == 0}}
+                train = {"step": step, "tokens": tokens, **{k: float(v) for k, v in row.items() if v.ndim == 0}}
                 if "loss" in train and not math.isfinite(train["loss"]):
                     bad_step = step
                     break
