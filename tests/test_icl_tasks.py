@@ -139,23 +139,27 @@ def test_trigger_metrics_on_known_predictors():
 
 
 def classification(**kw):
-    args = dict(d_vocab=1 + 8 + 40 * 2, seq_len=21, n_pairs=8, n_classes=40, n_labels=8, items_per_class=2,
-                burstiness=4, p_bursty=0.75, zipf_alpha=1.0, noise=0.0)
+    args = dict(d_vocab=1 + 8 + 40 * 2 + 16, seq_len=21, n_pairs=8, n_classes=40, n_labels=8, items_per_class=2,
+                burstiness=4, p_bursty=0.75, zipf_alpha=1.0, noise=0.0, n_novel_classes=16)
     return ICLClassification(**{**args, **kw})
 
 
 def decode(gen, tokens):
-    """Classes `[batch, n_pairs + 1]` and label indices of the items and labels of each sequence."""
+    """Classes `[batch, n_pairs + 1]` and label indices of the items and labels of each sequence (novel
+    classes as n_classes + their index)."""
     items = tokens[:, 1:gen.query_pos + 2:2]
     labels = tokens[:, 2:gen.query_pos + 2:2] - 1
-    return (items - 1 - gen.n_labels) // gen.items_per_class, labels
+    trained = (items - 1 - gen.n_labels) // gen.items_per_class
+    return np.where(items >= gen.novel_start, gen.n_classes + items - gen.novel_start, trained), labels
 
 
 def test_classification_burstiness_and_fixed_labels():
     gen = classification()
+    assert gen.novel_start == 1 + 8 + 80
     tokens = gen(batch_rng(0, 0), 4000)
     assert tokens.shape == (4000, 21) and (tokens[:, 0] == BOS).all() and (tokens[:, 19:] == BOS).all()
     classes, labels = decode(gen, tokens)
+    assert classes.max() < 40  # novel classes never appear in training
     assert (labels == gen.class_label[classes]).all()  # labels are fixed per class in training
     for row in classes[:200, :-1]:
         _, counts = np.unique(row, return_counts=True)
@@ -167,28 +171,54 @@ def test_classification_burstiness_and_fixed_labels():
 
 
 def test_classification_noise_replaces_items():
-    clean = classification(items_per_class=1, d_vocab=1 + 8 + 40)(batch_rng(0, 0), 2000)
-    noisy = classification(items_per_class=1, d_vocab=1 + 8 + 40, noise=0.5)(batch_rng(0, 0), 2000)
+    kw = dict(items_per_class=1, d_vocab=1 + 8 + 40 + 16)
+    clean = classification(**kw)(batch_rng(0, 0), 2000)
+    noisy_gen = classification(**kw, noise=0.5)
+    noisy = noisy_gen(batch_rng(0, 0), 2000)
     items, labels = slice(1, 19, 2), slice(2, 20, 2)
     np.testing.assert_array_equal(clean[:, labels], noisy[:, labels])  # labels keep the true class's
     changed = (clean[:, items] != noisy[:, items]).mean()
     assert abs(changed - 0.5 * (1 - 1 / 40)) < 0.02  # a uniformly random item token, half the time
-    assert (noisy[:, items] > 8).all()
+    # ... a training item token: noise never reaches the novel classes.
+    assert (noisy[:, items] > 8).all() and (noisy[:, 1:20] < noisy_gen.novel_start).all()
 
 
-def test_classification_task_batch_icl_and_iwl_halves():
-    gen = classification()
+def test_classification_p_relabel_gives_fresh_labels_to_some_sequences():
+    gen = classification(p_relabel=0.3, p_bursty=1.0)
+    classes, labels = decode(gen, gen(batch_rng(0, 0), 4000))
+    fixed = (labels == gen.class_label[classes]).all(1)
+    assert abs((~fixed).mean() - 0.3) < 0.03  # (the query class never keeps its fixed label)
+    for c, lab in zip(classes[~fixed][:200], labels[~fixed][:200]):  # consistent within the sequence
+        assert len({(a, b) for a, b in zip(c, lab)}) == len(set(c)) == len(set(lab))
+    np.testing.assert_array_equal(classification()(batch_rng(0, 0), 8),  # p_relabel=0: the same stream
+                                  classification(p_relabel=0.0)(batch_rng(0, 0), 8))
+
+
+def test_classification_task_batch_thirds():
+    gen = classification(noise=0.3)  # the evaluation sequences are noise-free all the same
     batch = gen.task_batch(batch_rng(0, 0, "task"), 64)
-    classes, labels = decode(gen, batch["tokens"])
-    icl = batch["icl"]
-    assert icl.sum() == 32
-    # In weights: query class absent from the context, fixed labels everywhere.
-    assert not (classes[~icl, -1:] == classes[~icl, :-1]).any()
-    assert (labels[~icl] == gen.class_label[classes[~icl]]).all()
-    # In context: query class present, its context label copied to the query, never its fixed label,
-    # and each class of a sequence has its own label.
+    tokens = batch["tokens"]
+    classes, labels = decode(gen, tokens)
+    icl, iwl, rel = batch["icl"], batch["iwl"], batch["relabel"]
+    assert (icl.sum(), iwl.sum(), rel.sum()) == (22, 21, 21) and (icl ^ iwl ^ rel).all()
+    # In context (Reddy, Chan): novel classes only, one item token each, query class present, its
+    # context label copied to the query, and each class of a sequence has its own random label.
+    novel_items = tokens[icl, 1:gen.query_pos + 1:2]
+    assert (novel_items >= gen.novel_start).all() and (novel_items < gen.novel_start + 16).all()
+    assert (tokens[~icl, 1:gen.query_pos + 1:2] < gen.novel_start).all()
     for c, lab in zip(classes[icl], labels[icl]):
         assert (c[:-1] == c[-1]).any()
+        assert (lab[:-1][c[:-1] == c[-1]] == lab[-1]).all()
+        assert len({(a, b) for a, b in zip(c, lab)}) == len(set(c)) == len(set(lab)) == 2
+    assert len({tuple(lab) for lab in labels[icl]}) > 10  # labels drawn per sequence
+    # In weights: query class absent from the context, fixed labels everywhere, no noise.
+    assert not (classes[iwl, -1:] == classes[iwl, :-1]).any()
+    assert (labels[iwl] == gen.class_label[classes[iwl]]).all()
+    for row in classes[iwl | rel, :-1]:
+        assert sorted(np.unique(row, return_counts=True)[1]) == [4, 4]
+    # Relabelled: training classes in context with fresh labels, never the query's fixed label.
+    for c, lab in zip(classes[rel], labels[rel]):
+        assert (c[:-1] == c[-1]).any() and c.max() < 40
         assert (lab[:-1][c[:-1] == c[-1]] == lab[-1]).all()
         assert lab[-1] != gen.class_label[c[-1]]
         assert len({(a, b) for a, b in zip(c, lab)}) == len(set(c)) == len(set(lab))
@@ -196,25 +226,34 @@ def test_classification_task_batch_icl_and_iwl_halves():
 
 def test_classification_metrics_on_known_predictors():
     gen = classification()
-    batch = gen.task_batch(batch_rng(0, 0, "task"), 2000)
+    n = 3000
+    batch = gen.task_batch(batch_rng(0, 0, "task"), n)
     tb = as_torch(batch)
     classes, labels = decode(gen, batch["tokens"])
     q = gen.query_pos
 
     def predicting(label_idx):
-        logits = torch.randn(2000, 21, gen.d_vocab)
+        logits = torch.randn(n, 21, gen.d_vocab)
         logits[:, q, 1:gen.n_labels + 1] = -10.0
-        logits[torch.arange(2000), q, torch.as_tensor(label_idx) + 1] = 10.0
-        return gen.task_metrics(logits, tb)
+        logits[torch.arange(n), q, torch.as_tensor(label_idx) + 1] = 10.0
+        m = gen.task_metrics(logits, tb)
+        assert set(m) == {"task/icl_accuracy", "task/iwl_accuracy", "task/icl_relabel_accuracy"}
+        return {k[5:]: v.item() for k, v in m.items()}
 
-    fixed = predicting(gen.class_label[classes[:, -1]])  # pure in-weights
-    assert fixed["task/iwl_accuracy"].item() == 1.0 and fixed["task/icl_accuracy"].item() == 0.0
-    first = np.argmax(classes[:, :-1] == classes[:, -1:], axis=1)  # copy from the context when possible
-    copied = np.where(batch["icl"], labels[np.arange(2000), first], gen.class_label[classes[:, -1]])
-    assert predicting(copied)["task/icl_accuracy"].item() == 1.0
-    chance = gen.task_metrics(torch.randn(2000, 21, gen.d_vocab), tb)
-    for key in ("task/icl_accuracy", "task/iwl_accuracy"):
-        assert abs(chance[key].item() - 1 / gen.n_labels) < 0.04
+    in_ctx = ~batch["iwl"]
+    first = np.argmax(classes[:, :-1] == classes[:, -1:], axis=1)  # the query's class's first exemplar
+    fixed_label = gen.class_label[np.minimum(classes[:, -1], 39)]  # (meaningless for novel classes)
+    fixed = predicting(fixed_label)  # pure in-weights
+    assert fixed["iwl_accuracy"] == 1.0 and fixed["icl_relabel_accuracy"] == 0.0
+    assert fixed["icl_accuracy"] < 0.25
+    copied = predicting(np.where(in_ctx, labels[np.arange(n), first], fixed_label))  # copy when possible
+    assert copied == {"icl_accuracy": 1.0, "iwl_accuracy": 1.0, "icl_relabel_accuracy": 1.0}
+    # Any label of the context, at random: B / n_pairs = 1/2 of the in-context queries.
+    any_label = predicting(labels[np.arange(n), np.random.default_rng(0).integers(0, 8, size=n)])
+    assert abs(any_label["icl_accuracy"] - 0.5) < 0.05 and abs(any_label["icl_relabel_accuracy"] - 0.5) < 0.05
+    chance = predicting(np.random.default_rng(1).integers(0, gen.n_labels, size=n))
+    for key in ("icl_accuracy", "iwl_accuracy", "icl_relabel_accuracy"):
+        assert abs(chance[key] - 1 / gen.n_labels) < 0.04
 
 
 # --- random_copies --------------------------------------------------------------------------------
@@ -281,7 +320,8 @@ def test_experiments_build_and_measure(compose_cfg, name):
     (("data=icl_classification", "model.n_ctx=19", "data.n_pairs=9"), "data.n_pairs=9"),
     (("data=icl_classification", "model.n_ctx=19", "data.burstiness=3"), "data.burstiness=3"),
     (("data=icl_classification", "model.n_ctx=19", "data.n_labels=3"), "data.n_labels=3"),
-    (("data=icl_classification", "model.n_ctx=19", "data.n_classes=200"), "data.d_vocab=145"),
+    (("data=icl_classification", "model.n_ctx=19", "data.n_classes=200"), "data.d_vocab=209"),
+    (("data=icl_classification", "model.n_ctx=19", "data.n_novel_classes=1"), "data.n_novel_classes=1"),
     (("data=icl_classification", "model.n_ctx=19", "data.p_bursty=1.5"), "data.p_bursty=1.5"),
     (("data=icl_markov", "data.n_states=5", "probes.rep_len=3"), "data.d_vocab=4"),
     (("data=icl_markov", "data.alpha=0", "probes.rep_len=3"), "data.alpha=0.0"),

@@ -95,7 +95,7 @@ class ICLClassificationConfig(DataConfig):
     """In-context classification with bursty Zipfian classes (Reddy 2023; Chan et al. 2022)."""
 
     _target_: str = "train.data.icl_tasks.ICLClassification"
-    d_vocab: int = 145  # at least 1 + n_labels + n_classes * items_per_class
+    d_vocab: int = 209  # at least 1 + n_labels + n_classes * items_per_class + n_novel_classes
     n_pairs: int = 8  # exemplar (item, label) pairs before the query; needs 2 * n_pairs + 3 <= model.n_ctx
     n_classes: int = 128
     n_labels: int = 16  # label tokens 1..n_labels; each class has a fixed one
@@ -104,6 +104,8 @@ class ICLClassificationConfig(DataConfig):
     p_bursty: float = 0.9  # probability the query's class is in the context
     zipf_alpha: float = 0.0  # class frequencies ~ rank^-zipf_alpha (0: uniform)
     noise: float = 0.0  # probability an item token is replaced by a random item token
+    n_novel_classes: int = 64  # held-out classes (one item token each, never trained) for task/icl_accuracy
+    p_relabel: float = 0.0  # probability a training sequence's classes get fresh labels (not their fixed ones)
     language_seed: int = 0  # seeds the class -> label map, shared across runs
 
 
@@ -176,7 +178,7 @@ class OptimConfig:
 class ProbesConfig:
     enabled: bool = True  # false: only the training loss and ICL score are recorded
     every_n_steps: int = 1  # per-head scores and ICL every this many steps
-    n_sequences: int = 8  # probe batch: BOS + rep_len random tokens, repeated
+    n_sequences: int = 4  # probe batch: BOS + rep_len random tokens, repeated (more: smoother scores, slower steps)
     rep_len: int = 20  # R; Olsson et al. use 25, repeated 4 times (needs n_ctx >= 101)
     exclude_fraction: float = 0.02  # drop this share of most and of least common tokens from probes
     seed: int = 0  # the probe batch is fixed by this seed
@@ -354,10 +356,12 @@ def validate_icl_task(d: DictConfig, m: DictConfig) -> None:
         _require(d.n_classes > classes, "data.n_classes", d.n_classes,
                  f"must exceed n_pairs / burstiness = {classes} (a query class absent from the context)")
         _require(d.items_per_class >= 1, "data.items_per_class", d.items_per_class, "must be at least 1")
-        need = 1 + d.n_labels + d.n_classes * d.items_per_class
+        _require(d.n_novel_classes >= classes, "data.n_novel_classes", d.n_novel_classes,
+                 f"must be at least n_pairs / burstiness = {classes} (the in-context test's classes)")
+        need = 1 + d.n_labels + d.n_classes * d.items_per_class + d.n_novel_classes
         _require(d.d_vocab >= need, "data.d_vocab", d.d_vocab,
-                 f"must be at least 1 + n_labels + n_classes * items_per_class = {need}")
-        for key in ("p_bursty", "noise"):
+                 f"must be at least 1 + n_labels + n_classes * items_per_class + n_novel_classes = {need}")
+        for key in ("p_bursty", "noise", "p_relabel"):
             _require(0 <= d[key] <= 1, f"data.{key}", d[key], "must be in [0, 1]")
         _require(d.zipf_alpha >= 0, "data.zipf_alpha", d.zipf_alpha, "must be 0 or more")
     if "distinct" in d and d.distinct:  # random_copies

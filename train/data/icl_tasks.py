@@ -215,28 +215,40 @@ class ICLClassification:
 
     A sequence is BOS, `n_pairs` exemplar pairs (item, label), a query item and its label (padded with
     BOS up to `seq_len`). Tokens: 1..n_labels are labels, then `items_per_class` item tokens per class
-    for each of `n_classes` classes. Each class has a fixed label (seeded by `language_seed`); class
+    for each of `n_classes` training classes, then one item token per each of `n_novel_classes` novel
+    classes, which never appear in training (their embeddings stay near initialisation, like Reddy's
+    fresh Gaussian items). Each training class has a fixed label (seeded by `language_seed`); class
     frequencies follow Zipf(`zipf_alpha`) (p_k ~ k^-alpha; 0 is uniform). The context holds
     n_pairs / `burstiness` distinct classes (drawn by frequency, without replacement), `burstiness`
     times each, in random order; each occurrence uses one of its class's item tokens at random, which
-    with probability `noise` is replaced by a uniformly random item token (input noise: the pair then
-    carries a wrong item). With probability `p_bursty` the query's class is one of the context classes,
-    else a class absent from the context (drawn by frequency). Training uses every position's loss, so
-    exemplar labels after the first of their class are in-context predictable too.
+    with probability `noise` is replaced by a uniformly random training item token (input noise: the
+    pair then carries a wrong item). With probability `p_bursty` the query's class is one of the
+    context classes, else a class absent from the context (drawn by frequency). Training uses every
+    position's loss, so exemplar labels after the first of their class are in-context predictable too.
+    With probability `p_relabel` a training sequence's classes get fresh distinct labels instead (Chan
+    et al.'s "dynamic meaning", taken to a whole sequence: memory then conflicts with the context).
 
-    Metrics, at the query, as the argmax among the label tokens, on noise-free sequences:
-    `task/icl_accuracy` on sequences whose query class is in the context and whose classes get fresh
-    labels per sequence (distinct, and the query's never its own fixed label), so only copying the label
-    from the context works; `task/iwl_accuracy` on sequences whose query class is absent from the
-    context, with the fixed labels (in-weights learning).
+    Metrics, at the query, as the argmax among the label tokens, on noise-free sequences (the fixed
+    batch is split in thirds):
+    `task/icl_accuracy` (Reddy's and Chan's in-context measure) on sequences of novel classes only,
+    the query's class in the context, with distinct labels drawn at random per sequence, so nothing in
+    weights helps or conflicts: only matching the query item to its exemplars and copying their label
+    works (a label merely present in the context scores burstiness / n_pairs);
+    `task/iwl_accuracy` on training sequences whose query class is absent from the context, with the
+    fixed labels (in-weights learning);
+    `task/icl_relabel_accuracy` on training-class sequences whose query class is in the context, with
+    fresh labels per sequence (distinct, the query's never its own fixed label), so the context
+    conflicts with the memorised label.
     """
 
     def __init__(self, d_vocab: int, seq_len: int, n_pairs: int = 8, n_classes: int = 128, n_labels: int = 16,
                  items_per_class: int = 1, burstiness: int = 4, p_bursty: float = 0.9, zipf_alpha: float = 0.0,
-                 noise: float = 0.0, language_seed: int = 0):
+                 noise: float = 0.0, n_novel_classes: int = 64, p_relabel: float = 0.0, language_seed: int = 0):
         self.d_vocab, self.seq_len, self.n_pairs = d_vocab, seq_len, n_pairs
         self.n_classes, self.n_labels, self.items_per_class = n_classes, n_labels, items_per_class
         self.burstiness, self.p_bursty, self.noise = burstiness, p_bursty, noise
+        self.n_novel_classes, self.p_relabel = n_novel_classes, p_relabel
+        self.novel_start = 1 + n_labels + n_classes * items_per_class  # first novel item token
         lang = np.random.default_rng([language_seed, 13])
         self.class_label = lang.integers(0, n_labels, size=n_classes)  # label index of each class
         weights = np.arange(1, n_classes + 1, dtype=np.float64) ** -zipf_alpha
@@ -247,14 +259,19 @@ class ICLClassification:
         return label + 1
 
     def sample(self, rng: np.random.Generator, batch: int, bursty: np.ndarray | None = None,
-               relabel: bool = False, noise: float | None = None) -> np.ndarray:
+               relabel: bool | np.ndarray | None = None, noise: float | None = None,
+               novel: bool = False) -> np.ndarray:
         """One batch. `bursty [batch]` forces whether the query class is in the context (default: with
-        probability p_bursty); `relabel` gives each sequence's classes fresh labels."""
+        probability p_bursty); `relabel` (bool or `[batch]`) gives sequences' classes fresh labels
+        (default: each with probability p_relabel); `novel` draws the classes uniformly among the novel
+        ones (one item token each, never noisy), with fresh distinct labels per sequence."""
         m, b = self.n_pairs // self.burstiness, self.burstiness
-        noise = self.noise if noise is None else noise
+        noise = 0.0 if novel else self.noise if noise is None else noise
         # Classes by frequency without replacement (Gumbel top-k): the first m are the context's, the
         # next one is a frequency-weighted draw among the classes absent from the context.
-        keys = np.log(self.class_p) + rng.gumbel(size=(batch, self.n_classes))
+        n_pool = self.n_novel_classes if novel else self.n_classes
+        log_p = np.zeros(n_pool) if novel else np.log(self.class_p)
+        keys = log_p + rng.gumbel(size=(batch, n_pool))
         order = np.argsort(-keys, axis=1)[:, :m + 1]
         if bursty is None:
             bursty = rng.random(batch) < self.p_bursty
@@ -262,18 +279,29 @@ class ICLClassification:
         query_slot = np.where(bursty, rng.integers(0, m, size=batch), m)
         slots = np.concatenate([slots, query_slot[:, None]], axis=1)  # [batch, n_pairs + 1]
         classes = np.take_along_axis(order, slots, axis=1)
-        items = 1 + self.n_labels + classes * self.items_per_class + rng.integers(0, self.items_per_class,
-                                                                                   size=classes.shape)
-        swap = rng.random(classes.shape) < noise
-        random_items = 1 + self.n_labels + rng.integers(0, self.n_classes * self.items_per_class, size=classes.shape)
-        items = np.where(swap, random_items, items)
-        labels = self.class_label[classes]
-        if relabel:
-            # Fresh distinct labels per class slot; the query class's fixed label sorts last, unused.
+        if novel:
+            items = self.novel_start + classes
+        else:
+            items = 1 + self.n_labels + classes * self.items_per_class + rng.integers(0, self.items_per_class,
+                                                                                       size=classes.shape)
+            swap = rng.random(classes.shape) < noise
+            random_items = 1 + self.n_labels + rng.integers(0, self.n_classes * self.items_per_class,
+                                                            size=classes.shape)
+            items = np.where(swap, random_items, items)
+        if relabel is None:
+            relabel = rng.random(batch) < self.p_relabel if self.p_relabel > 0 else False
+        relabel = np.broadcast_to(np.asarray(relabel, bool) | novel, (batch,))
+        if novel:
+            labels = np.zeros_like(classes)
+        else:
+            labels = self.class_label[classes]
+        if relabel.any():
+            # Fresh distinct labels per class slot; a training query class's fixed label sorts last, unused.
             keys = rng.random((batch, self.n_labels))
-            keys[np.arange(batch), labels[:, -1]] = np.inf
+            if not novel:
+                keys[np.arange(batch), labels[:, -1]] = np.inf
             fresh = np.argsort(keys, axis=1)[:, :m + 1]
-            labels = np.take_along_axis(fresh, slots, axis=1)
+            labels = np.where(relabel[:, None], np.take_along_axis(fresh, slots, axis=1), labels)
         tokens = np.full((batch, self.seq_len), BOS, dtype=np.int64)
         tokens[:, 1:self.query_pos + 2:2] = items
         tokens[:, 2:self.query_pos + 2:2] = self.label_token(labels)
@@ -283,18 +311,22 @@ class ICLClassification:
         return self.sample(rng, batch)
 
     def task_batch(self, rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
-        half = n // 2
-        icl = self.sample(rng, half, bursty=np.ones(half, bool), relabel=True, noise=0.0)
-        iwl = self.sample(rng, n - half, bursty=np.zeros(n - half, bool), noise=0.0)
-        return {"tokens": np.concatenate([icl, iwl]),
-                "icl": np.concatenate([np.ones(half, bool), np.zeros(n - half, bool)])}
+        """Thirds: novel classes in context (icl), training classes absent (iwl), training classes in
+        context with fresh labels (relabel)."""
+        n_icl, n_iwl = (n + 2) // 3, (n + 1) // 3
+        n_rel = n - n_icl - n_iwl
+        icl = self.sample(rng, n_icl, bursty=np.ones(n_icl, bool), novel=True)
+        iwl = self.sample(rng, n_iwl, bursty=np.zeros(n_iwl, bool), relabel=False, noise=0.0)
+        rel = self.sample(rng, n_rel, bursty=np.ones(n_rel, bool), relabel=True, noise=0.0)
+        kind = np.repeat(np.arange(3), [n_icl, n_iwl, n_rel])
+        return {"tokens": np.concatenate([icl, iwl, rel]), "icl": kind == 0, "iwl": kind == 1, "relabel": kind == 2}
 
     def task_metrics(self, logits: Tensor, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         q = self.query_pos
         guess = logits[:, q, 1:self.n_labels + 1].argmax(-1) + 1
         hit = (guess == batch["tokens"][:, q + 1]).float()
-        icl = batch["icl"]
-        return {"task/icl_accuracy": hit[icl].mean(), "task/iwl_accuracy": hit[~icl].mean()}
+        return {"task/icl_accuracy": hit[batch["icl"]].mean(), "task/iwl_accuracy": hit[batch["iwl"]].mean(),
+                "task/icl_relabel_accuracy": hit[batch["relabel"]].mean()}
 
 
 # --- 4. Random tokens with copied spans: the minimal induction task ---------------------------------
