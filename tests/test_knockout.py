@@ -69,4 +69,4 @@ def test_top_k_knockout_hurts_more_than_random(quickstart_run):
         drop_top = clean[f"{task}_mean"] - top[f"{task}_mean"]
         drop_random = clean[f"{task}_mean"] - random[f"{task}_mean"]
         assert drop_top > drop_random + 0.03, (task, drop_top, drop_random)
-    assert top["induction_loss_mean"] > summary["random_2"]["induction_loss_mean"]
+    assert top["induction_loss_mean"] > random["induction_loss_mean"]  # sets without the heads induction reads through
