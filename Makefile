@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-fast bench figures clean
+.PHONY: setup train test test-all bench figures clean
 
 setup: $(VENV)/.installed
 
@@ -21,12 +21,13 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(BIN)/python -m train $(ARGS)
 
+# The default suite (under 10 minutes on 2 CPU cores): everything but the tests marked slow.
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
-
-# The quick loop while developing: everything but the tests marked slow (sweeps, SIGKILL, long runs).
-test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+# Everything, including the slow tests (sweeps through every launcher, DDP, SIGKILL and resume, long runs).
+test-all: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 # Figures of the newest run (or sweep) under runs/quickstart/ into figures/; ARGS go to the command,
 # e.g. `make figures ARGS="--only icl_score,pca"`.
