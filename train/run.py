@@ -30,7 +30,7 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
     if ckpt is None:
         raise ConfigError(f"resume={run_dir}: no checkpoint listed in checkpoints/index.json")
     state = read_checkpoint(ckpt)  # truncated or foreign files fail here, in one line, before any work
-    missing = [k for k in ("state_dict", "optimizer_states", "loops", "tokens_seen") if k not in state]
+    missing = [k for k in ("optimizer_states", "loops", "tokens_seen") if k not in state]  # read_checkpoint checked state_dict
     if missing:
         raise RunError(f"{ckpt}: not a checkpoint of this harness (no {', '.join(missing)})")
     saved = OmegaConf.load(run_dir / CONFIG)
