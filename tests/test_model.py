@@ -89,3 +89,23 @@ def test_head_edit_zeroing_a_head_changes_output():
     base = model(tokens)
     edited = model(tokens, edits={0: __import__("train.model", fromlist=["HeadEdit"]).HeadEdit(z=zero_head0)})
     assert not torch.allclose(base, edited)
+
+
+@pytest.mark.parametrize("frozen", [False, True])
+def test_freeze_embedding_keeps_token_vectors_at_init_and_trains_the_rest(frozen):
+    from train.module import InductionLM
+    from train.probes import per_token_loss
+
+    model = make(freeze_embedding=frozen).train()
+    lm = InductionLM(model, {"lr": 1e-2, "betas": (0.9, 0.99), "weight_decay": 0.1, "warmup_steps": 0,
+                             "schedule": "constant", "min_lr_ratio": 0.1}, total_steps=10)
+    opt = lm.configure_optimizers()["optimizer"]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for _ in range(3):
+        tokens = torch.randint(0, 17, (4, 24))
+        opt.zero_grad()
+        per_token_loss(model(tokens), tokens).mean().backward()
+        opt.step()
+    assert torch.equal(model.W_E, before["W_E"]) == frozen  # weight decay would move it too
+    assert not torch.equal(model.W_U, before["W_U"])
+    assert not torch.equal(model.blocks[0].attn.W_Q, before["blocks.0.attn.W_Q"])

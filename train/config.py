@@ -40,6 +40,7 @@ class ModelConfig:
     d_mlp: int = 0  # 0: attention-only; > 0: an MLP of this width after each attention layer
     smeared_key: bool = False  # per-head trainable key smearing (Olsson et al.)
     init_std: Optional[float] = None  # weight init std; default 0.8 / sqrt(d_model) (TransformerLens)
+    freeze_embedding: bool = False  # keep W_E at its random init (fixed random token vectors)
 
 
 @dataclass

@@ -156,6 +156,7 @@ class ModelSpec:
     d_mlp: int = 0
     smeared_key: bool = False
     init_std: float | None = None
+    freeze_embedding: bool = False
 
 
 class AttentionOnlyTransformer(nn.Module):
@@ -179,6 +180,9 @@ class AttentionOnlyTransformer(nn.Module):
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.reset_parameters()
+        # Fixed random token vectors, as Reddy (2023)'s items and labels: an unseen token is then drawn
+        # from the same distribution as the trained ones.
+        self.W_E.requires_grad_(not spec.freeze_embedding)
 
     def reset_parameters(self) -> None:
         # TransformerLens' default: N(0, 0.8 / sqrt(d_model)) for every matrix, zero biases.
