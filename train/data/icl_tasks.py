@@ -216,8 +216,9 @@ class ICLClassification:
     A sequence is BOS, `n_pairs` exemplar pairs (item, label), a query item and its label (padded with
     BOS up to `seq_len`). Tokens: 1..n_labels are labels, then `items_per_class` item tokens per class
     for each of `n_classes` training classes, then one item token per each of `n_novel_classes` novel
-    classes, which never appear in training (their embeddings stay near initialisation, like Reddy's
-    fresh Gaussian items). Each training class has a fixed label (seeded by `language_seed`); class
+    classes, which never appear in training. With `model.freeze_embedding` every token is a fixed random
+    vector, as Reddy's items and labels are, so a novel item is drawn from the same distribution as the
+    trained ones; with learned embeddings the novel ones stay at their initialisation. Each training class has a fixed label (seeded by `language_seed`); class
     frequencies follow Zipf(`zipf_alpha`) (p_k ~ k^-alpha; 0 is uniform). The context holds
     n_pairs / `burstiness` distinct classes (drawn by frequency, without replacement), `burstiness`
     times each, in random order; each occurrence uses one of its class's item tokens at random, which
