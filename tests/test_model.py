@@ -109,3 +109,22 @@ def test_freeze_embedding_keeps_token_vectors_at_init_and_trains_the_rest(frozen
     assert torch.equal(model.W_E, before["W_E"]) == frozen  # weight decay would move it too
     assert not torch.equal(model.W_U, before["W_U"])
     assert not torch.equal(model.blocks[0].attn.W_Q, before["blocks.0.attn.W_Q"])
+
+
+def test_gradient_clipping_keeps_the_norm_before_clipping_and_clips_to_the_limit():
+    from train.module import InductionLM
+    from train.probes import per_token_loss
+
+    model = make(freeze_embedding=True).train()
+    lm = InductionLM(model, {}, total_steps=1)
+    tokens = torch.randint(0, 17, (4, 24))
+    (100 * per_token_loss(model(tokens), tokens).mean()).backward()
+
+    def grad_norm():
+        return torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters() if p.grad is not None]))
+
+    before = grad_norm()
+    assert before > 1.0 and model.W_E.grad is None
+    lm.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
+    torch.testing.assert_close(lm.last_grad_norm, before)
+    torch.testing.assert_close(grad_norm(), torch.tensor(0.5), rtol=1e-4, atol=0)

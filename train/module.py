@@ -45,6 +45,7 @@ class InductionLM(L.LightningModule):
         self.last_token_losses: Tensor | None = None
         self.last_loss: Tensor | None = None
         self.last_grad_norm: Tensor | None = None  # before clipping; set by configure_gradient_clipping
+        self._trained: list[Tensor] | None = None  # the parameters that get gradients, listed once
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         tokens = batch["tokens"]
@@ -60,12 +61,14 @@ class InductionLM(L.LightningModule):
         finite-gradient guard and the metrics read it, so the norm is computed once per step."""
         if gradient_clip_algorithm == "value":
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
+        if self._trained is None:  # walking the module tree at every step costs more than the norm
+            self._trained = [p for p in self.parameters() if p.requires_grad]
+        grads = [p.grad for p in self._trained if p.grad is not None]
         if not grads:
             return
         norm = torch.nn.utils.get_total_norm(grads)
         if gradient_clip_val and gradient_clip_algorithm != "value":
-            torch.nn.utils.clip_grads_with_norm_(self.parameters(), gradient_clip_val, norm)
+            torch.nn.utils.clip_grads_with_norm_(self._trained, gradient_clip_val, norm)
         self.last_grad_norm = norm.detach()
 
     def configure_optimizers(self):

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
 
 from .. import probes
@@ -44,7 +46,8 @@ class NonFiniteLoss(RuntimeError):
 class Measure(L.Callback):
     def __init__(self, run_dir: Path, probe_tokens: Tensor, eval_tokens: Tensor, cfg: Any, n_ctx: int,
                  task: Any = None, task_batch: dict[str, Tensor] | None = None):
-        self.cfg = cfg
+        # Plain attributes: a DictConfig lookup costs microseconds, and several happen at every step.
+        self.cfg = SimpleNamespace(**OmegaConf.to_container(cfg, resolve=True)) if isinstance(cfg, DictConfig) else cfg
         # The generator's `task_metrics(logits, batch)` and its fixed batch (at least "tokens").
         self.task, self.task_batch = (task, task_batch) if task_batch is not None else (None, None)
         self.probe_tokens, self.eval_tokens = probe_tokens, eval_tokens
