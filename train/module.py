@@ -45,7 +45,7 @@ class InductionLM(L.LightningModule):
         self.last_token_losses: Tensor | None = None
         self.last_loss: Tensor | None = None
         self.last_grad_norm: Tensor | None = None  # before clipping; set by configure_gradient_clipping
-        self._trained: list[Tensor] | None = None  # the parameters that get gradients, listed once
+        self._trained: list[Tensor] | None = None  # see `trained_parameters`
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         tokens = batch["tokens"]
@@ -56,24 +56,30 @@ class InductionLM(L.LightningModule):
         self.last_loss = loss.detach()  # the progress bar reads it every few steps; Measure records it
         return loss
 
+    def trained_parameters(self) -> list[Tensor]:
+        """The parameters the optimizer updates (not a frozen embedding), listed once: walking the
+        module tree at every step costs more than the gradient norm itself."""
+        if self._trained is None:
+            self._trained = [p for p in self.parameters() if p.requires_grad]
+        return self._trained
+
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Clip by global norm as Lightning does, keeping the norm (`last_grad_norm`, on the device): the
         finite-gradient guard and the metrics read it, so the norm is computed once per step."""
         if gradient_clip_algorithm == "value":
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if self._trained is None:  # walking the module tree at every step costs more than the norm
-            self._trained = [p for p in self.parameters() if p.requires_grad]
-        grads = [p.grad for p in self._trained if p.grad is not None]
+        params = self.trained_parameters()
+        grads = [p.grad for p in params if p.grad is not None]
         if not grads:
             return
         norm = torch.nn.utils.get_total_norm(grads)
         if gradient_clip_val and gradient_clip_algorithm != "value":
-            torch.nn.utils.clip_grads_with_norm_(self._trained, gradient_clip_val, norm)
+            torch.nn.utils.clip_grads_with_norm_(params, gradient_clip_val, norm)
         self.last_grad_norm = norm.detach()
 
     def configure_optimizers(self):
         o = self.optim
-        params = [p for p in self.parameters() if p.requires_grad]
+        params = self.trained_parameters()
         decay = [p for p in params if p.dim() >= 2]
         no_decay = [p for p in params if p.dim() < 2]
         opt = torch.optim.AdamW(
