@@ -47,6 +47,9 @@ def tl_config(model: AttentionOnlyTransformer) -> dict:
     s = model.spec
     if s.smeared_key:
         raise ExportError("model.smeared_key=true: TransformerLens has no smeared-key attention; cannot export")
+    if s.position_layers is not None and s.position_layers < s.n_layers:
+        raise ExportError(f"model.position_layers={s.position_layers}: TransformerLens gives positions to every "
+                          "layer; cannot export")
     positional = {"shortformer": "shortformer", "learned": "standard", "none": "standard",
                   "rotary": "rotary"}[s.positional]
     cfg = {

@@ -243,7 +243,8 @@ def measure_in_subprocess(variant: str, args) -> dict:
                *([f"--precision={args.precision}"] if args.precision else []),
                *(["--compile"] if args.compile else []), f"--threads={args.threads}",
                *args.overrides]
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_SILENT": "true"}
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONPATH": path, "WANDB_SILENT": "true"}
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
             raise SystemExit(f"variant {variant} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
@@ -284,15 +285,18 @@ def ratios(best: dict, key: str) -> dict:
 
 
 def print_table(best: dict, runs: dict, rat: dict, rat_cpu: dict) -> None:
-    print(f"\n{'variant':<40} {'tokens/s':>9} {'all runs':>15} {'tok/CPU-s':>10} {'1st step s':>12} {'peak MiB':>9}")
+    gpu = any(r["cuda_max_allocated_mib"] is not None for r in best.values())
+    print(f"\n{'variant':<40} {'tokens/s':>9} {'all runs':>15} {'tok/CPU-s':>10} {'1st step s':>12} {'peak MiB':>9}"
+          + (f" {'GPU MiB':>8}" if gpu else ""))
     for v, r in best.items():
         all_runs = "/".join(f"{x['tokens_per_s']:.0f}" for x in runs[v])
         print(f"{v} {VARIANTS[v]:<38} {r['tokens_per_s']:>9.0f} {all_runs:>15} {r['tokens_per_cpu_s']:>10.0f} "
               f"{r['first_step_s_from_process_start']:>5.1f} /{r['first_step_s_from_variant_start']:>5.1f} "
-              f"{r['peak_rss_mib']:>9.0f}")
+              f"{r['peak_rss_mib']:>9.0f}" + (f" {r['cuda_max_allocated_mib']:>8.0f}" if gpu else ""))
     print("tokens/s: wall time over steps warm-up..end, best of the repeats; tok/CPU-s: the same over the\n"
           "process' CPU time (robust to other jobs when threads=1). 1st step s: from process start / from\n"
-          "variant start to the end of the first optimizer step. peak MiB: peak RSS of the variant's process.\n")
+          "variant start to the end of the first optimizer step. peak MiB: peak RSS of the variant's process;\n"
+          "GPU MiB: its peak GPU memory allocated by torch.\n")
     print(f"{'ratio':<6} {'tokens/s':>9} {'tok/CPU-s':>10}   target")
     for name, r in rat.items():
         c = rat_cpu.get(name, {})

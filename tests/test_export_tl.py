@@ -53,6 +53,12 @@ def test_smeared_key_is_refused(tmp_path):
     assert not (tmp_path / "model.pt").exists()
 
 
+def test_positions_in_some_layers_only_are_refused(tmp_path):
+    with pytest.raises(ExportError, match="position_layers=1"):
+        export(random_model(position_layers=1), tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
+
+
 def test_not_an_export(tmp_path):
     torch.save({"state_dict": {}}, tmp_path / "other.pt")
     with pytest.raises(ExportError, match="not a TransformerLens export"):

@@ -63,6 +63,24 @@ def test_shortformer_keeps_positions_out_of_values():
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("positional", ["shortformer", "rotary"])
+def test_position_layers_keeps_positions_out_of_later_layers(positional):
+    tokens = torch.randint(1, 17, (2, 12))
+    for position_layers, layer1_moves in ((1, False), (None, True)):
+        model = make(positional=positional, position_layers=position_layers)
+        with torch.no_grad():
+            model.blocks[0].attn.W_O.zero_()  # layer 1 then reads the token embeddings alone
+            _, before = model(tokens, return_patterns=True)
+            if positional == "shortformer":
+                model.W_pos.add_(torch.randn_like(model.W_pos))
+            else:
+                for table in (model.rotary_cos, model.rotary_sin):
+                    table.copy_(table.flip(0))  # reversed positions: relative offsets change sign
+            _, after = model(tokens, return_patterns=True)
+        assert not torch.allclose(before[0], after[0])  # layer 0 attends by position in both
+        assert torch.allclose(before[1], after[1]) != layer1_moves, position_layers
+
+
 def test_smeared_key_mixes_previous_key_and_keeps_first():
     model = make(smeared_key=True, n_layers=1)
     attn = model.blocks[0].attn

@@ -41,6 +41,9 @@ class ModelConfig:
     smeared_key: bool = False  # per-head trainable key smearing (Olsson et al.)
     init_std: Optional[float] = None  # weight init std; default 0.8 / sqrt(d_model) (TransformerLens)
     freeze_embedding: bool = False  # keep W_E at its random init (fixed random token vectors)
+    # shortformer/rotary: positions enter the attention of the first N layers only (None: every layer).
+    # With 1, later layers can attend by position only through what layer 0 wrote.
+    position_layers: Optional[int] = None
 
 
 @dataclass
@@ -280,6 +283,10 @@ def validate(cfg: DictConfig) -> None:
         _require(m.d_head >= 1, "model.d_head", m.d_head, "must be at least 1")
     if m.positional == Positional.rotary:
         _require(d_head(cfg) % 2 == 0, "model.d_head", d_head(cfg), "must be even for rotary positions")
+    if m.position_layers is not None:
+        _require(m.positional in (Positional.shortformer, Positional.rotary), "model.position_layers",
+                 m.position_layers, f"applies to shortformer and rotary positions, not {m.positional.value}")
+        _require(m.position_layers >= 1, "model.position_layers", m.position_layers, "must be at least 1")
     _require(m.d_mlp >= 0, "model.d_mlp", m.d_mlp, "must be 0 (attention-only) or positive")
     _require(m.d_vocab >= 3, "model.d_vocab", m.d_vocab, "must be at least 3 (BOS and two tokens)")
     _require(m.n_ctx >= 8, "model.n_ctx", m.n_ctx, "must be at least 8 for the probes to mean anything")

@@ -157,6 +157,7 @@ class ModelSpec:
     smeared_key: bool = False
     init_std: float | None = None
     freeze_embedding: bool = False
+    position_layers: int | None = None
 
 
 class AttentionOnlyTransformer(nn.Module):
@@ -164,6 +165,8 @@ class AttentionOnlyTransformer(nn.Module):
         super().__init__()
         if spec.positional not in POSITIONAL_SCHEMES:
             raise ValueError(f"model.positional={spec.positional!r}: expected one of {POSITIONAL_SCHEMES}")
+        if spec.position_layers is not None and spec.positional not in ("shortformer", "rotary"):
+            raise ValueError(f"model.position_layers applies to shortformer and rotary positions, not {spec.positional!r}")
         self.spec = spec
         self.W_E = nn.Parameter(torch.empty(spec.d_vocab, spec.d_model))
         self.W_pos = (
@@ -214,6 +217,8 @@ class AttentionOnlyTransformer(nn.Module):
         patterns = []
         for layer, block in enumerate(self.blocks):
             edit = edits.get(layer) if edits else None
+            if layer == self.spec.position_layers:
+                qk_pos, rotary = None, None  # later layers see order only through earlier layers' outputs
             x, pattern = block(x, qk_pos, rotary, return_patterns, edit)
             patterns.append(pattern)
         logits = self.ln_final(x) @ self.W_U + self.b_U
