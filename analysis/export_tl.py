@@ -19,7 +19,8 @@ renames modules. The schemes map as follows:
   position-free scheme). Fine-tuning the exported model would let it learn positions.
 - `layernorm` -> `normalization_type="LN"` (else None); `d_mlp > 0` -> `attn_only=False`,
   `act_fn="gelu"` (exact erf GELU, as `torch.nn.functional.gelu`).
-- The smeared key (Olsson et al. 2022) has no TransformerLens counterpart: export refuses it.
+- The smeared key (Olsson et al. 2022) and `position_layers` (positions in the first layers only) have no
+  TransformerLens counterpart: export refuses them.
 """
 
 from __future__ import annotations
