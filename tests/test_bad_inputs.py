@@ -187,6 +187,14 @@ def test_bad_resume_is_one_line_naming_the_file(compose_cfg, trained_run, tmp_pa
     assert after == before  # nothing written, nothing removed
 
 
+def test_a_new_run_refuses_a_directory_holding_a_run(compose_cfg, trained_run, tmp_path):
+    run = copy_run(trained_run, tmp_path / "run")
+    before = sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*"))
+    message = run_error(short_cfg(compose_cfg, "trainer.max_steps=8"), run)
+    assert message.startswith(f"{run}: already holds a run (config.yaml); resume={run} continues it"), message
+    assert sorted((p.relative_to(run), p.stat().st_mtime_ns) for p in run.rglob("*")) == before
+
+
 def test_load_model_refuses_a_foreign_checkpoint(tmp_path):
     from train.load import RunError, load_model
 

@@ -290,11 +290,13 @@ def test_text_configs_compose(compose_cfg):
     for option in ("text_stdlib", "text_stdlib_bytes", "text_files", "text_hub"):
         cfg = compose_cfg(f"data={option}")
         assert cfg.data._target_ == "train.data.text.TextData"
-    for name, layers, smeared in (("olsson_text", 2, False), ("olsson_text_1l", 1, False),
-                                  ("olsson_text_3l", 3, False), ("olsson_text_smeared", 1, True)):
+    for name, layers, smeared, position_layers in (
+            ("olsson_text", 2, False, 1), ("olsson_text_1l", 1, False, 1),
+            ("olsson_text_3l", 3, False, None), ("olsson_text_smeared", 1, True, None)):
         cfg = compose_cfg(f"experiment={name}")
         validate(cfg)
         assert (cfg.model.n_layers, cfg.model.smeared_key, cfg.data.source) == (layers, smeared, "stdlib")
+        assert cfg.model.position_layers == position_layers
         assert cfg.model.d_vocab == cfg.data.d_vocab
 
 

@@ -45,6 +45,10 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(run_dir)
+    if not cfg.resume and (run_dir / CONFIG).exists():
+        # A second run would mix its metrics and checkpoints into the first one's files.
+        raise ConfigError(f"{run_dir}: already holds a run ({CONFIG}); resume={run_dir} continues it, "
+                          "or choose another hydra.run.dir")
     ckpt = check_resume(cfg, run_dir) if cfg.resume else None
     if ckpt is not None:
         for stale in run_dir.rglob(".*.tmp"):  # temp files of a killed run; the real files are intact
