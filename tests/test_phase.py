@@ -27,6 +27,15 @@ def test_noise_does_not_move_the_window_much():
     assert abs(np.log(pc["peak_step"] / 800)) < 0.2
 
 
+def test_min_step_skips_an_earlier_steeper_fall():
+    steps, tokens, icl = sigmoid_curve(1000, drop=0.5)
+    early = sigmoid_curve(40, width=0.1, drop=0.5)[2] + 0.2  # a sharp fall around step 40
+    icl = icl + early
+    assert detect_phase_change(steps, tokens, icl)["peak_step"] < 100
+    pc = detect_phase_change(steps, tokens, icl, min_step=200)
+    assert pc["onset_step"] >= 200 and abs(np.log(pc["peak_step"] / 1000)) < 0.1
+
+
 def test_no_fall_no_phase_change():
     steps, tokens, icl = sigmoid_curve(500, drop=0.0, noise=0.01)
     assert detect_phase_change(steps, tokens, icl, min_drop=0.1) is None

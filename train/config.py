@@ -202,6 +202,7 @@ class PhaseConfig:
     smooth: float = 0.15  # Gaussian smoothing width of the ICL curve, in natural-log tokens
     threshold: float = 0.25  # the window is where dICL/dlog(tokens) is below this share of its peak
     min_drop: float = 0.05  # nats; a smaller ICL improvement across the window is no phase change
+    min_step: int = 0  # search from this step on, past the early in-context token-frequency fall
 
 
 @dataclass

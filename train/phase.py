@@ -22,6 +22,7 @@ def detect_phase_change(
     smooth: float = 0.15,
     threshold: float = 0.25,
     min_drop: float = 0.05,
+    min_step: int = 0,
 ) -> dict | None:
     """The window where the ICL score falls fastest against log training tokens (Olsson et al. 2022,
     who locate the phase change by the derivative of the ICL score over log tokens).
@@ -29,10 +30,12 @@ def detect_phase_change(
     The curve is resampled on an even grid in log tokens, smoothed with a Gaussian of width `smooth`
     (natural-log units), and differentiated. The peak is the most negative derivative; the window
     extends on each side while the derivative stays below `threshold` times the peak. Returns None if
-    the ICL score does not improve by `min_drop` nats across the window.
+    the ICL score does not improve by `min_drop` nats across the window. Steps before `min_step` are
+    left out (every model first learns in-context token frequencies, a steep early fall that is not
+    the induction-head phase change).
     """
     steps, tokens, icl = (np.asarray(a, dtype=np.float64) for a in (steps, tokens, icl))
-    keep = (tokens > 0) & np.isfinite(icl)
+    keep = (tokens > 0) & np.isfinite(icl) & (steps >= min_step)
     if keep.sum() < 5:
         return None
     steps, x, y = steps[keep], np.log(tokens[keep]), icl[keep]

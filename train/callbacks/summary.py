@@ -27,7 +27,8 @@ def summarize(measure: Measure, probes_cfg: Any, phase_cfg: Any, n_layers: int, 
     }
     out["phase_change"] = (
         detect_phase_change(np.array(ev["step"]), np.array(ev["tokens"]), np.array(ev["icl_score"]),
-                            phase_cfg.smooth, phase_cfg.threshold, phase_cfg.min_drop)
+                            phase_cfg.smooth, phase_cfg.threshold, phase_cfg.min_drop,
+                            phase_cfg.min_step)
         if ev else None
     )
     if heads:
