@@ -45,8 +45,9 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
 def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     validate(cfg)
     run_dir = Path(run_dir)
-    if not cfg.resume and (run_dir / CONFIG).exists():
-        # A second run would mix its metrics and checkpoints into the first one's files.
+    if not cfg.resume and rank_zero_only.rank == 0 and (run_dir / CONFIG).exists():
+        # A second run would mix its metrics and checkpoints into the first one's files. (DDP's other
+        # ranks start after rank 0 has written the config.)
         raise ConfigError(f"{run_dir}: already holds a run ({CONFIG}); resume={run_dir} continues it, "
                           "or choose another hydra.run.dir")
     ckpt = check_resume(cfg, run_dir) if cfg.resume else None
