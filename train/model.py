@@ -166,7 +166,8 @@ class AttentionOnlyTransformer(nn.Module):
         if spec.positional not in POSITIONAL_SCHEMES:
             raise ValueError(f"model.positional={spec.positional!r}: expected one of {POSITIONAL_SCHEMES}")
         if spec.position_layers is not None and spec.positional not in ("shortformer", "rotary"):
-            raise ValueError(f"model.position_layers applies to shortformer and rotary positions, not {spec.positional!r}")
+            raise ValueError(f"model.position_layers applies to shortformer and rotary positions, "
+                             f"not {spec.positional!r}")
         self.spec = spec
         self.W_E = nn.Parameter(torch.empty(spec.d_vocab, spec.d_model))
         self.W_pos = (

@@ -213,21 +213,21 @@ class ICLClassification:
     basis of data dependence and abrupt learning in an in-context classification task", after Chan et
     al. (2022), "Data distributional properties drive emergent in-context learning in transformers".
 
-    A sequence is BOS, `n_pairs` exemplar pairs (item, label), a query item and its label (padded with
-    BOS up to `seq_len`). Tokens: 1..n_labels are labels, then `items_per_class` item tokens per class
-    for each of `n_classes` training classes, then one item token per each of `n_novel_classes` novel
-    classes, which never appear in training. With `model.freeze_embedding` every token is a fixed random
-    vector, as Reddy's items and labels are, so a novel item is drawn from the same distribution as the
-    trained ones; with learned embeddings the novel ones stay at their initialisation. Each training class has a fixed label (seeded by `language_seed`); class
-    frequencies follow Zipf(`zipf_alpha`) (p_k ~ k^-alpha; 0 is uniform). The context holds
-    n_pairs / `burstiness` distinct classes (drawn by frequency, without replacement), `burstiness`
-    times each, in random order; each occurrence uses one of its class's item tokens at random, which
-    with probability `noise` is replaced by a uniformly random training item token (input noise: the
-    pair then carries a wrong item). With probability `p_bursty` the query's class is one of the
-    context classes, else a class absent from the context (drawn by frequency). Training uses every
-    position's loss, so exemplar labels after the first of their class are in-context predictable too.
-    With probability `p_relabel` a training sequence's classes get fresh distinct labels instead (Chan
-    et al.'s "dynamic meaning", taken to a whole sequence: memory then conflicts with the context).
+    A sequence is BOS, `n_pairs` exemplar pairs (item, label), a query item and its label (padded with BOS
+    up to `seq_len`). Tokens: 1..n_labels are labels, then `items_per_class` item tokens per class for
+    each of `n_classes` training classes, then one item token per each of `n_novel_classes` novel classes,
+    which never appear in training. With `model.freeze_embedding` every token is a fixed random vector, as
+    Reddy's items and labels are, so a novel item is drawn from the same distribution as the trained ones;
+    with learned embeddings the novel ones stay at their initialisation. Each training class has a fixed
+    label (seeded by `language_seed`); class frequencies follow Zipf(`zipf_alpha`) (p_k ~ k^-alpha; 0 is
+    uniform). The context holds n_pairs / `burstiness` distinct classes (drawn by frequency, without
+    replacement), `burstiness` times each, in random order; each occurrence uses one of its class's item
+    tokens at random, which with probability `noise` is replaced by a uniformly random training item token
+    (input noise: the pair then carries a wrong item). With probability `p_bursty` the query's class is
+    one of the context classes, else a class absent from the context (drawn by frequency). Training uses
+    every position's loss, so exemplar labels after the first of their class are in-context predictable
+    too. With probability `p_relabel` a training sequence's classes get fresh distinct labels instead
+    (Chan et al.'s "dynamic meaning", taken to a whole sequence: memory then conflicts with the context).
 
     Metrics, at the query, as the argmax among the label tokens, on noise-free sequences (the fixed
     batch is split in thirds):
