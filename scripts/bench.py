@@ -9,8 +9,11 @@ Four variants train the quickstart model on the quickstart data stream, each in 
   d  the same model as a TransformerLens `HookedTransformer`, trained by a plain loop that calls
      `run_with_cache` at the cadence of (c) and scores heads with `train.probes`
 
-tokens/s counts steps `warmup+1..steps` only, by wall time and by the process' CPU time (with one
-torch thread, the default, CPU time is barely disturbed by other jobs on the machine). Time to first
+tokens/s counts steps `warmup+1..steps` only, by wall time and by CPU time: the process' and its
+children's, the harness' DataLoader worker included (with one torch thread, the default, CPU time is
+barely disturbed by other jobs on the machine). The plain loops make each batch in line, as a minimal
+loop does; the harness makes them in a worker process (`data.num_workers`, default 1), on another
+core where there is one: its wall time gains what its CPU time does not. Time to first
 step runs to the end of the first optimizer step, from process start (interpreter launch; every
 variant imports torch, Lightning and Hydra) and from variant start (imports done, config composed).
 `make bench ARGS="--device cuda --precision bf16-mixed --threads 0"`; trailing `key=value` arguments
@@ -40,6 +43,7 @@ VARIANT_OVERRIDES = {"a": [], "b": ["probes.enabled=false"], "c": ["probes.enabl
 TARGETS = {"b/a": 0.95, "c/a": 0.90, "c/d": 1.4}
 
 import lightning as L  # noqa: E402  (after sys.path, so `train` imports from this checkout)
+import psutil  # noqa: E402
 import torch  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
@@ -61,6 +65,12 @@ def compose_config(args, variant: str = "a"):
         return compose("config", overrides=overrides)
 
 
+def cpu_time() -> float:
+    """CPU seconds of this process and its live children (the harness' data loader workers)."""
+    children = sum(sum(c.cpu_times()[:2]) for c in psutil.Process().children(recursive=True))
+    return time.process_time() + children
+
+
 class StepClock(L.Callback):
     """Wall and CPU time at the end of optimizer steps 1, `warmup` and `steps` (a callback for the
     harness, `tick` for the plain loops)."""
@@ -76,7 +86,7 @@ class StepClock(L.Callback):
         if name:
             if self.cuda:
                 torch.cuda.synchronize()  # only where a time is read, so the GPU queue stays full
-            self.marks[name] = (time.time(), time.process_time())
+            self.marks[name] = (time.time(), cpu_time())
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.tick()
@@ -294,9 +304,9 @@ def print_table(best: dict, runs: dict, rat: dict, rat_cpu: dict) -> None:
               f"{r['first_step_s_from_process_start']:>5.1f} /{r['first_step_s_from_variant_start']:>5.1f} "
               f"{r['peak_rss_mib']:>9.0f}" + (f" {r['cuda_max_allocated_mib']:>8.0f}" if gpu else ""))
     print("tokens/s: wall time over steps warm-up..end, best of the repeats; tok/CPU-s: the same over the\n"
-          "process' CPU time (robust to other jobs when threads=1). 1st step s: from process start / from\n"
-          "variant start to the end of the first optimizer step. peak MiB: peak RSS of the variant's process;\n"
-          "GPU MiB: its peak GPU memory allocated by torch.\n")
+          "CPU time of the process and its data loader workers (robust to other jobs when threads=1).\n"
+          "1st step s: from process start / from variant start to the end of the first optimizer step.\n"
+          "peak MiB: peak RSS of the variant's process; GPU MiB: its peak GPU memory allocated by torch.\n")
     print(f"{'ratio':<6} {'tokens/s':>9} {'tok/CPU-s':>10}   target")
     for name, r in rat.items():
         c = rat_cpu.get(name, {})

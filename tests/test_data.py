@@ -78,3 +78,15 @@ def test_stream_resumes_at_its_position():
     # The evaluation set depends on its own seed only.
     other = StreamDataModule(gen, batch_size=4, seed=99, eval_size=8, eval_seed=1)
     torch.testing.assert_close(dm.eval_tokens(), other.eval_tokens())
+
+
+def test_loader_workers_make_the_same_stream_in_order():
+    gen = MarkovCopies(d_vocab=16, seq_len=16)
+    dm = StreamDataModule(gen, batch_size=4, seed=7, eval_size=8, eval_seed=1, num_workers=3)
+    dm.load_state_dict({"next_batch": 5})  # a resumed run: every worker starts from the saved position
+    it = iter(dm.train_dataloader())
+    batches = [dm.on_before_batch_transfer(next(it), 0) for _ in range(7)]
+    assert [b["index"] for b in batches] == list(range(5, 12))
+    for b in batches:
+        torch.testing.assert_close(b["tokens"], torch.from_numpy(gen(batch_rng(7, b["index"]), 4)))
+    assert dm.state_dict() == {"next_batch": 12}

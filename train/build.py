@@ -12,7 +12,7 @@ from .data.datamodule import StreamDataModule
 from .data.synthetic import RepeatedTokens, batch_rng, probe_token_weights
 from .model import AttentionOnlyTransformer, ModelSpec
 
-COMMON_DATA_KEYS = ("_target_", "batch_size", "seed", "eval_size", "eval_seed")
+COMMON_DATA_KEYS = ("_target_", "batch_size", "seed", "eval_size", "eval_seed", "num_workers")
 
 
 def build_generator(cfg: DictConfig):
@@ -24,7 +24,7 @@ def build_generator(cfg: DictConfig):
 def build_datamodule(cfg: DictConfig, generator=None) -> StreamDataModule:
     generator = generator or build_generator(cfg)
     d = cfg.data
-    return StreamDataModule(generator, d.batch_size, d.seed, d.eval_size, d.eval_seed)
+    return StreamDataModule(generator, d.batch_size, d.seed, d.eval_size, d.eval_seed, d.num_workers)
 
 
 def build_model(cfg: DictConfig) -> AttentionOnlyTransformer:

@@ -56,6 +56,9 @@ class DataConfig:
     seed: int = II("seed")  # seeds the training stream: batch i depends on (seed, i) only
     eval_size: int = 128  # sequences in the fixed evaluation set
     eval_seed: int = 1234  # the evaluation set is shared by every run that shares this seed
+    # DataLoader worker processes making training batches beside the training process (0: in it).
+    # The batches, and so the run, are the same for any number.
+    num_workers: int = 1
 
 
 @dataclass
@@ -293,6 +296,8 @@ def validate(cfg: DictConfig) -> None:
     _require(m.n_ctx >= 8, "model.n_ctx", m.n_ctx, "must be at least 8 for the probes to mean anything")
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be at least 1")
     _require(d.eval_size >= 1, "data.eval_size", d.eval_size, "must be at least 1")
+    _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be 0 (batches made in the training "
+             "process) or more")
     _require(d.d_vocab <= m.d_vocab, "data.d_vocab", d.d_vocab, f"exceeds model.d_vocab={m.d_vocab}")
     if "span_len_min" in d:
         _require(1 <= d.span_len_min <= d.span_len_max, "data.span_len_min", d.span_len_min,

@@ -22,6 +22,10 @@ from .rundir import CONFIG, write_text
 from .loggers import build_loggers, finish_loggers
 
 
+# Keys that change how a run is computed, not what: a resumed run may set them anew.
+FREE_ON_RESUME = ("data.num_workers",)
+
+
 def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
     """The checkpoint to resume from; the saved model and data must match the current config."""
     if not (run_dir / CONFIG).exists():
@@ -36,6 +40,8 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
     saved = OmegaConf.load(run_dir / CONFIG)
     for group in ("model", "data"):
         for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
+            if f"{group}.{key}" in FREE_ON_RESUME:
+                continue
             old = OmegaConf.select(saved, f"{group}.{key}")
             if str(old) != str(getattr(value, "value", value)):
                 raise ConfigError(f"{group}.{key}={value}: the run being resumed used {old}")

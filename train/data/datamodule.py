@@ -7,7 +7,7 @@ from typing import Any, Callable, Iterator
 import lightning as L
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .synthetic import batch_rng
 
@@ -21,11 +21,16 @@ class _Stream(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         # Start where the run left off: `next_batch` is restored from the checkpoint before iteration.
         # Under data parallelism, step `index` of rank r trains on stream batch index * world + r.
-        owner, index = self.owner, self.owner.next_batch
+        # With n loader workers, worker w makes steps w, w + n, ...: the DataLoader takes one batch from
+        # each worker in turn, so the steps arrive in order.
+        owner, worker = self.owner, get_worker_info()
+        index, stride = owner.next_batch, 1
+        if worker is not None:
+            index, stride = index + worker.id, worker.num_workers
         while True:
             rng = batch_rng(owner.seed, index * owner.world_size + owner.rank)
             yield {"tokens": torch.from_numpy(owner.generator(rng, owner.batch_size)), "index": index}
-            index += 1
+            index += stride
 
 
 class StreamDataModule(L.LightningDataModule):
@@ -35,9 +40,11 @@ class StreamDataModule(L.LightningDataModule):
     (`state_dict`) so a resumed run sees exactly the batches an uninterrupted run would have seen.
     """
 
-    def __init__(self, generator: Generator, batch_size: int, seed: int, eval_size: int, eval_seed: int):
+    def __init__(self, generator: Generator, batch_size: int, seed: int, eval_size: int, eval_seed: int,
+                 num_workers: int = 0):
         super().__init__()
         self.generator, self.batch_size, self.seed = generator, batch_size, seed
+        self.num_workers = num_workers
         self.eval_size, self.eval_seed = eval_size, eval_seed
         self.next_batch = 0
         self.rank, self.world_size = 0, 1
@@ -45,7 +52,8 @@ class StreamDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
-        return DataLoader(_Stream(self), batch_size=None, num_workers=0)
+        # Workers make batches in other processes while this one trains: batch making leaves the step.
+        return DataLoader(_Stream(self), batch_size=None, num_workers=self.num_workers)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # Called for the batch about to be trained on (not for prefetched ones).

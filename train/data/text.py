@@ -98,6 +98,11 @@ class TextData:
         self._key: Optional[str] = None
         self.built = False  # True when this instance built the cache (not read it)
 
+    def __getstate__(self) -> dict:
+        # A loader worker started by spawn (macOS, Windows) gets a pickled copy: it reopens the
+        # memory-mapped cache rather than receiving the whole corpus through a pipe.
+        return {**self.__dict__, "_train": None, "_heldout": None, "_counts": None}
+
     # --- the generator protocol -------------------------------------------------------------------
 
     def __call__(self, rng: np.random.Generator, batch: int) -> np.ndarray:
