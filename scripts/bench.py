@@ -189,7 +189,8 @@ def run_lens(cfg, device, clock) -> dict:
     eval_tokens = build_datamodule(cfg, generator).eval_tokens().to(device)
     with torch.no_grad():  # the same function as ours, to float precision
         logit_diff = (lens(eval_tokens[:8]) - ours(eval_tokens[:8])).abs().max().item()
-    mask = probes.prefix_matching_mask(probe)
+    score_weights = torch.stack([probes.previous_token_weights(*probe.shape, device),
+                                 probes.prefix_matching_weights(probe)])  # once, as `Measure` does
     p, n_layers = OmegaConf.to_object(cfg.probes), cfg.model.n_layers  # a dataclass: cheap to read per step
     late, early = probes.icl_positions(cfg.model.n_ctx, p.icl_late, p.icl_early)
     pending: list[torch.Tensor] = []
@@ -202,8 +203,7 @@ def run_lens(cfg, device, clock) -> dict:
         if p.enabled and step % p.every_n_steps == 0:
             logits, cache = lens.run_with_cache(probe, names_filter=only_patterns)
             patterns = [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(n_layers)]
-            pending.append(torch.stack([probes.previous_token_score(x) for x in patterns]).flatten())
-            pending.append(torch.stack([probes.prefix_matching_score(x, probe, mask) for x in patterns]).flatten())
+            pending.append(probes.weighted_attention(torch.stack(patterns, 1).flatten(1, 2), score_weights).flatten())
             pending.append(probes.induction_loss(probes.per_token_loss(logits, probe), p.rep_len)[None])
         if p.enabled and eval_due(step, p.eval_every_n_steps):
             losses = probes.per_token_loss(lens(eval_tokens), eval_tokens)

@@ -70,6 +70,22 @@ def test_hand_built_heads_score_as_designed(setup):
     assert torch.isnan(scores["induction_qk"][0]).all()
 
 
+def test_measure_scores_every_head_as_the_score_functions_do(setup, tmp_path):
+    """The callback's one-op path (stacked weights, every layer at once) against the definitions."""
+    from types import SimpleNamespace
+
+    from train.callbacks.measure import Measure
+
+    model, tokens, logits, patterns = setup
+    cfg = SimpleNamespace(rep_len=10, icl_late=None, icl_early=None)
+    values = Measure(tmp_path, tokens, tokens, cfg, n_ctx=T).probe_scores(model)
+    prev = torch.stack([probes.previous_token_score(p) for p in patterns])
+    pm = torch.stack([probes.prefix_matching_score(p, tokens) for p in patterns])
+    torch.testing.assert_close(values["previous_token"], prev)
+    torch.testing.assert_close(values["prefix_matching"], pm)
+    assert values["prefix_matching"][1, 0] > 0.99 and values["previous_token"][0, 0] > 0.99
+
+
 def test_k_composition_finds_the_previous_token_head(setup):
     model, *_ = setup
     a0, a1 = model.blocks[0].attn, model.blocks[1].attn

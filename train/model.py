@@ -51,9 +51,10 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def future_mask(t: int, device: torch.device) -> Tensor:
-    """`[t, t]`, True above the diagonal (keys after the query); cached: probes call this every step."""
-    return torch.ones(t, t, dtype=torch.bool, device=device).triu(1)
+def causal_bias(t: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """`[t, t]`: 0 on and below the diagonal, -inf above it (keys after the query). Added to the
+    attention scores inside the score matmul; cached, as probes call this at every step."""
+    return torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)
 
 
 class Attention(nn.Module):
@@ -100,8 +101,11 @@ class Attention(nn.Module):
             if edit is not None and edit.pattern is not None:
                 pattern = edit.pattern
             else:
-                scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head)  # [batch, head, query, key]
-                pattern = scores.masked_fill_(future_mask(q.shape[-2], q.device), float("-inf")).softmax(dim=-1)
+                b, h, t, _ = q.shape
+                # One fused op for scale, causal mask and scores: probes take this path at every step.
+                scores = torch.baddbmm(causal_bias(t, q.device, q.dtype), q.reshape(b * h, t, -1),
+                                       k.reshape(b * h, t, -1).transpose(-1, -2), alpha=self.d_head ** -0.5)
+                pattern = scores.softmax(dim=-1).view(b, h, t, t)  # [batch, head, query, key]
             z = pattern @ v  # [batch, head, pos, d_head]
             if edit is not None and edit.z is not None:
                 z = edit.z(z)

@@ -19,13 +19,24 @@ def per_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     ).view(tokens.shape[0], -1)
 
 
+def weighted_attention(pattern: Tensor, weights: Tensor) -> Tensor:
+    """`sum_{batch, query, key} pattern * weights` per head: `[..., head]` for weights
+    `[..., batch, query, key]`. The attention scores below are this with their own weights; a caller
+    that measures a fixed batch at every step stacks the weights once and gets every score in one op."""
+    return torch.einsum("bhqk,...bqk->...h", pattern.float(), weights.float())  # float: 1/n in bf16 is coarse
+
+
+def previous_token_weights(batch: int, t: int, device: torch.device | None = None) -> Tensor:
+    """`[batch, query, key]`: the mean over the batch and over queries `i >= 1` of key `i - 1`."""
+    return torch.ones(t - 1, device=device).diag(-1)[None].expand(batch, t, t) / (batch * (t - 1))
+
+
 def previous_token_score(pattern: Tensor) -> Tensor:
     """Mean attention from each position `i >= 1` to `i - 1`, per head: `[head]`.
 
     A previous-token head (Olsson et al. 2022, sec. 2) scores near 1.
     """
-    prev = pattern.diagonal(offset=-1, dim1=-2, dim2=-1)  # [batch, head, pos - 1]
-    return prev.mean(dim=(0, 2))
+    return weighted_attention(pattern, previous_token_weights(pattern.shape[0], pattern.shape[-1], pattern.device))
 
 
 def prefix_matching_mask(tokens: Tensor) -> Tensor:
@@ -39,16 +50,19 @@ def prefix_matching_mask(tokens: Tensor) -> Tensor:
     return mask & causal
 
 
+def prefix_matching_weights(tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+    """`[batch, query, key]`: `prefix_matching_mask(tokens)` (or `mask`) divided by the number of
+    queries (over the batch) that have an earlier occurrence of their token."""
+    mask = prefix_matching_mask(tokens) if mask is None else mask
+    return mask.float() / mask.any(dim=-1).sum().clamp_min(1)
+
+
 def prefix_matching_score(pattern: Tensor, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
     """Olsson et al. (2022, "Prefix matching" in sec. 2): on repeated random tokens, the attention a head
     puts on the tokens just *after* earlier occurrences of the query's token, averaged over every
     query that has such an earlier occurrence (and over the batch). `[head]`; an induction head scores
     near 1. `mask` is `prefix_matching_mask(tokens)`, for callers that reuse a fixed batch."""
-    mask = prefix_matching_mask(tokens) if mask is None else mask  # [batch, query, key]
-    has_match = mask.any(dim=-1)  # [batch, query]
-    on_match = (pattern * mask[:, None]).sum(dim=-1)  # [batch, head, query]
-    weights = has_match[:, None].to(pattern.dtype)
-    return (on_match * weights).sum(dim=(0, 2)) / weights.sum(dim=(0, 2)).clamp_min(1)
+    return weighted_attention(pattern, prefix_matching_weights(tokens, mask))
 
 
 def icl_positions(n_ctx: int, late: int | None = None, early: int | None = None) -> tuple[int, int]:

@@ -51,7 +51,10 @@ class Measure(L.Callback):
         # The generator's `task_metrics(logits, batch)` and its fixed batch (at least "tokens").
         self.task, self.task_batch = (task, task_batch) if task_batch is not None else (None, None)
         self.probe_tokens, self.eval_tokens = probe_tokens, eval_tokens
-        self.prefix_mask = probes.prefix_matching_mask(probe_tokens)  # fixed batch: computed once
+        # The fixed batch's score weights, computed once: both attention scores of every head in one op.
+        batch, t = probe_tokens.shape
+        self.score_weights = torch.stack([probes.previous_token_weights(batch, t),
+                                          probes.prefix_matching_weights(probe_tokens)])  # [2, batch, q, k]
         self.rep_len = cfg.rep_len
         self.late, self.early = probes.icl_positions(n_ctx, cfg.icl_late, cfg.icl_early)
         names = ("train", "heads", "eval", "eval_token_losses")
@@ -65,7 +68,7 @@ class Measure(L.Callback):
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
         device = module.device
         self.probe_tokens = self.probe_tokens.to(device)
-        self.prefix_mask = self.prefix_mask.to(device)
+        self.score_weights = self.score_weights.to(device)
         self.eval_tokens = self.eval_tokens.to(device)
         if self.task_batch is not None:
             self.task_batch = {k: v.to(device) for k, v in self.task_batch.items()}
@@ -114,8 +117,7 @@ class Measure(L.Callback):
         """Per-head scores `[layer, head]` and the induction loss on the probe batch."""
         logits, patterns = model(self.probe_tokens, return_patterns=True)
         stacked = torch.stack(patterns, 1).flatten(1, 2)  # every layer's heads at once: [batch, layer*head, q, k]
-        prev = probes.previous_token_score(stacked).view(len(patterns), -1)
-        pm = probes.prefix_matching_score(stacked, self.probe_tokens, self.prefix_mask).view(len(patterns), -1)
+        prev, pm = probes.weighted_attention(stacked, self.score_weights).view(2, len(patterns), -1)
         losses = probes.per_token_loss(logits, self.probe_tokens)
         return {"previous_token": prev, "prefix_matching": pm,
                 "induction_loss": probes.induction_loss(losses, self.rep_len)}
