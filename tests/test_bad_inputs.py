@@ -50,6 +50,7 @@ CONFIG_CASES = {
     # data sizes
     "zero batch": (["data.batch_size=0"], "data.batch_size=0: must be at least 1"),
     "negative eval set": (["data.eval_size=-1"], "data.eval_size=-1: must be at least 1"),
+    "negative loader workers": (["data.num_workers=-1"], "data.num_workers=-1: must be 0"),
     "span min > max": (["data.span_len_min=30", "data.span_len_max=20"], "data.span_len_min=30: must be between 1 and"),
     "zero concentration": (["data.concentration=0"], "data.concentration=0.0: must be positive"),
     "zero rep_len": (["data=repeated_tokens", "data.rep_len=0"], "data.rep_len=0: must be between 1"),

@@ -57,6 +57,17 @@ def causal_bias(t: int, device: torch.device, dtype: torch.dtype) -> Tensor:
     return torch.full((t, t), float("-inf"), dtype=dtype, device=device).triu(1)
 
 
+def project(x: Tensor, weights: tuple[Tensor, ...], biases: tuple[Tensor, ...]) -> Tensor:
+    """`x [batch, pos, d_model]` through several `[head, d_model, d_head]` maps (W_Q, W_K, ...) with
+    their `[head, d_head]` biases in one matrix product, which costs less than one per map (the probes
+    run a small forward pass at every step, where per-op overhead dominates). Returns
+    `[n_maps, batch, head, pos, d_head]`."""
+    (b, t, m), (h, _, d) = x.shape, weights[0].shape
+    w = torch.cat(weights).permute(1, 0, 2).reshape(m, -1)  # [d_model, n_maps * head * d_head]
+    y = torch.addmm(torch.cat(biases).flatten(), x.reshape(b * t, m), w)
+    return y.view(b, t, len(weights), h, d).permute(2, 0, 3, 1, 4)
+
+
 class Attention(nn.Module):
     def __init__(self, n_heads: int, d_model: int, d_head: int, smeared_key: bool):
         super().__init__()
@@ -80,17 +91,20 @@ class Attention(nn.Module):
 
     def forward(
         self,
-        x_q: Tensor,
-        x_k: Tensor,
+        x_qk: Tensor,
         x_v: Tensor,
         rotary: tuple[Tensor, Tensor] | None = None,
         need_pattern: bool = False,
         edit: HeadEdit | None = None,
     ) -> tuple[Tensor, Tensor | None]:
-        """Inputs `[batch, pos, d_model]`; returns (output `[batch, pos, d_model]`, pattern or None)."""
-        q = torch.einsum("btm,hmd->bhtd", x_q, self.W_Q) + self.b_Q[:, None]  # [batch, head, pos, d_head]
-        k = torch.einsum("btm,hmd->bhtd", x_k, self.W_K) + self.b_K[:, None]
-        v = torch.einsum("btm,hmd->bhtd", x_v, self.W_V) + self.b_V[:, None]
+        """Queries and keys read `x_qk`, values `x_v` (the same tensor unless shortformer positions are
+        added to queries and keys), `[batch, pos, d_model]`; returns (output `[batch, pos, d_model]`,
+        pattern or None)."""
+        if x_qk is x_v:
+            q, k, v = project(x_v, (self.W_Q, self.W_K, self.W_V), (self.b_Q, self.b_K, self.b_V))
+        else:
+            q, k = project(x_qk, (self.W_Q, self.W_K), (self.b_Q, self.b_K))
+            (v,) = project(x_v, (self.W_V,), (self.b_V,))
         if self.smear_alpha is not None:
             k = self.smear(k)
         if rotary is not None:
@@ -111,8 +125,9 @@ class Attention(nn.Module):
                 z = edit.z(z)
         else:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        out = torch.einsum("bhtd,hdm->btm", z, self.W_O) + self.b_O  # [batch, pos, d_model]
-        return out, pattern
+        b, h, t, d = z.shape
+        out = torch.addmm(self.b_O, z.transpose(1, 2).reshape(b * t, h * d), self.W_O.reshape(h * d, -1))
+        return out.view(b, t, -1), pattern  # [batch, pos, d_model]
 
 
 class MLP(nn.Module):
@@ -138,7 +153,7 @@ class Block(nn.Module):
     def forward(self, x, qk_pos, rotary, need_pattern, edit):
         h = self.ln1(x)
         hq = h if qk_pos is None else h + qk_pos  # shortformer: positions enter queries and keys only
-        attn_out, pattern = self.attn(hq, hq, h, rotary, need_pattern, edit)
+        attn_out, pattern = self.attn(hq, h, rotary, need_pattern, edit)
         x = x + attn_out
         if self.mlp is not None:
             x = x + self.mlp(self.ln2(x))
