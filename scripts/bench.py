@@ -27,6 +27,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -294,7 +295,21 @@ def ratios(best: dict, key: str) -> dict:
     return out
 
 
-def print_table(best: dict, runs: dict, rat: dict, rat_cpu: dict) -> None:
+def paired_ratios(runs: dict) -> dict:
+    """Each ratio within each round (its variants ran minutes apart), and the median over rounds: the
+    machine's speed drifts between rounds by more than the differences measured here."""
+    out = {}
+    for name, target in TARGETS.items():
+        num, den = name.split("/")
+        if runs.get(num) and runs.get(den):
+            per_round = [x["tokens_per_s"] / y["tokens_per_s"] for x, y in zip(runs[num], runs[den])]
+            value = statistics.median(per_round)
+            out[name] = {"value": round(value, 3), "per_round": [round(r, 3) for r in per_round],
+                         "target": target, "met": value >= target}
+    return out
+
+
+def print_table(best: dict, runs: dict, rat: dict, rat_cpu: dict, paired: dict) -> None:
     gpu = any(r["cuda_max_allocated_mib"] is not None for r in best.values())
     print(f"\n{'variant':<40} {'tokens/s':>9} {'all runs':>15} {'tok/CPU-s':>10} {'1st step s':>12} {'peak MiB':>9}"
           + (f" {'GPU MiB':>8}" if gpu else ""))
@@ -307,13 +322,16 @@ def print_table(best: dict, runs: dict, rat: dict, rat_cpu: dict) -> None:
           "CPU time of the process and its data loader workers (robust to other jobs when threads=1).\n"
           "1st step s: from process start / from variant start to the end of the first optimizer step.\n"
           "peak MiB: peak RSS of the variant's process; GPU MiB: its peak GPU memory allocated by torch.\n")
-    print(f"{'ratio':<6} {'tokens/s':>9} {'tok/CPU-s':>10}   target")
+    print(f"{'ratio':<6} {'tokens/s':>9} {'tok/CPU-s':>10} {'per round: median':>18} {'rounds':>20}   target")
     for name, r in rat.items():
-        c = rat_cpu.get(name, {})
-        verdict = "met" if r["met"] else "MISSED"
-        if "met" in c and c["met"] != r["met"]:
-            verdict += f" ({'met' if c['met'] else 'missed'} by CPU time)"
-        print(f"{name:<6} {r['value']:>9.3f} {c.get('value', float('nan')):>10.3f}   >= {r['target']:<5} {verdict}")
+        c, p = rat_cpu.get(name, {}), paired.get(name, {})
+        verdicts = [("best" if p else "", r["met"])] + ([("per round", p["met"])] if p else [])
+        verdict = ", ".join(f"{'met' if met else 'MISSED'}{' (' + by + ')' if by else ''}" for by, met in verdicts)
+        rounds = "/".join(f"{x:.2f}" for x in p.get("per_round", []))
+        print(f"{name:<6} {r['value']:>9.3f} {c.get('value', float('nan')):>10.3f} {p.get('value', float('nan')):>18.3f} "
+              f"{rounds:>20}   >= {r['target']:<5} {verdict}")
+    print("tokens/s and tok/CPU-s: ratios of the best rounds; per round: the ratio within each round, and\n"
+          "its median over the rounds.")
 
 
 def parse_args(argv=None):
@@ -353,13 +371,13 @@ def main() -> None:
             print(f"round {round_ + 1}/{args.repeats} {v} {VARIANTS[v]}: "
                   f"{runs[v][-1]['tokens_per_s']:.0f} tokens/s", flush=True)
     best = {v: best_of(r) for v, r in runs.items()}
-    rat, rat_cpu = ratios(best, "tokens_per_s"), ratios(best, "tokens_per_cpu_s")
-    print_table(best, runs, rat, rat_cpu)
+    rat, rat_cpu, paired = ratios(best, "tokens_per_s"), ratios(best, "tokens_per_cpu_s"), paired_ratios(runs)
+    print_table(best, runs, rat, rat_cpu, paired)
     info["load_average_at_end"] = os.getloadavg()
     report = {"machine": info, "args": {k: v for k, v in vars(args).items() if k not in ("child", "result", "t0")},
               "variants": VARIANTS, "default_overrides": DEFAULT_OVERRIDES, "variant_overrides": VARIANT_OVERRIDES,
               "config": OmegaConf.to_container(cfg, resolve=True, enum_to_str=True), "runs": runs, "best": best,
-              "ratios": rat, "ratios_cpu_time": rat_cpu, "wall_s": time.time() - started}
+              "ratios": rat, "ratios_cpu_time": rat_cpu, "ratios_per_round": paired, "wall_s": time.time() - started}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
