@@ -340,7 +340,7 @@ def parse_args(argv=None):
     ap.add_argument("--warmup", type=int, default=100,
                     help="first steps left out of tokens/s: LR warm-up, first-step set-up, the step-0 metrics "
                          "flush and the early log-spaced evaluations are not steady-state throughput")
-    ap.add_argument("--repeats", type=int, default=2, help="rounds of a-b-c-d; the best of each is kept")
+    ap.add_argument("--repeats", type=int, default=2, help="rounds of a-b-c-d: the best round of each variant, and each ratio within each round")
     ap.add_argument("--variants", default="abcd")
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     ap.add_argument("--precision", default=None, help="e.g. bf16-mixed (default: the config's)")
