@@ -90,3 +90,16 @@ def test_loader_workers_make_the_same_stream_in_order():
     for b in batches:
         torch.testing.assert_close(b["tokens"], torch.from_numpy(gen(batch_rng(7, b["index"]), 4)))
     assert dm.state_dict() == {"next_batch": 12}
+
+
+def test_a_spawned_loader_worker_makes_the_same_stream():
+    """Spawn and forkserver (macOS, Windows, joblib's processes, Python 3.14) pickle the stream."""
+    gen = MarkovCopies(d_vocab=16, seq_len=16)
+    dm = StreamDataModule(gen, batch_size=4, seed=7, eval_size=8, eval_seed=1, num_workers=1)
+    dm.load_state_dict({"next_batch": 3})
+    loader = dm.train_dataloader()
+    loader.multiprocessing_context = "spawn"
+    it = iter(loader)
+    batches = [dm.on_before_batch_transfer(next(it), 0) for _ in range(2)]
+    assert [b["index"] for b in batches] == [3, 4]
+    torch.testing.assert_close(batches[1]["tokens"], torch.from_numpy(gen(batch_rng(7, 4), 4)))

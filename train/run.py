@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
 import torch
 from omegaconf import DictConfig, OmegaConf
 
@@ -82,6 +84,10 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
 
+    # Lightning suggests a worker per core, and persistent workers under spawn (which restarts them
+    # every epoch): one worker makes a batch faster than a step trains on it, and there is one epoch.
+    warnings.filterwarnings("ignore", message=".*does not have many workers", category=PossibleUserWarning)
+    warnings.filterwarnings("ignore", message="Consider setting `persistent_workers=True`")
     loggers = build_loggers(cfg, run_dir)
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer),

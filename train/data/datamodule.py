@@ -2,41 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator
+import sys
+from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader
 
+from .stream import BatchStream, Generator, as_made
 from .synthetic import batch_rng
-
-Generator = Callable[[np.random.Generator, int], np.ndarray]
-
-
-class _Stream(IterableDataset):
-    def __init__(self, owner: "StreamDataModule"):
-        self.owner = owner
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        # Start where the run left off: `next_batch` is restored from the checkpoint before iteration.
-        # Under data parallelism, step `index` of rank r trains on stream batch index * world + r.
-        # With n loader workers, worker w makes steps w, w + n, ...: the DataLoader takes one batch from
-        # each worker in turn, so the steps arrive in order.
-        owner, worker = self.owner, get_worker_info()
-        index, stride = owner.next_batch, 1
-        if worker is not None:
-            index, stride = index + worker.id, worker.num_workers
-        while True:
-            rng = batch_rng(owner.seed, index * owner.world_size + owner.rank)
-            yield {"tokens": owner.generator(rng, owner.batch_size), "index": index}
-            index += stride
-
-
-def _as_made(batch: dict[str, Any]) -> dict[str, Any]:
-    # Numpy arrays cross from a worker through its pipe in about 0.1 ms; a tensor goes through shared
-    # memory, whose per-batch set-up costs more than making the batch. Tensors are made on arrival.
-    return batch
 
 
 class StreamDataModule(L.LightningDataModule):
@@ -58,8 +32,14 @@ class StreamDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         if self.trainer is not None:
             self.rank, self.world_size = self.trainer.global_rank, self.trainer.world_size
-        # Workers make batches in other processes while this one trains: batch making leaves the step.
-        return DataLoader(_Stream(self), batch_size=None, num_workers=self.num_workers, collate_fn=_as_made)
+        # Start where the run left off: a resumed run has restored `next_batch` by now. Workers make
+        # batches in other processes while this one trains: batch making leaves the step.
+        stream = BatchStream(self.generator, self.batch_size, self.seed, self.next_batch, self.rank, self.world_size)
+        # An explicit start method: inside joblib's processes the default is loky's, which cannot start a
+        # loader worker. Fork (Linux) starts one at once; spawn (elsewhere) pickles the stream.
+        context = ("fork" if sys.platform == "linux" else "spawn") if self.num_workers else None
+        return DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=as_made,
+                          multiprocessing_context=context)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # Called for the batch about to be trained on (not for prefetched ones).
