@@ -192,6 +192,7 @@ class ProbesConfig:
     eval_every_n_steps: int = 50  # the fixed evaluation set: this often, log-spaced before, and at checkpoints
     circuits_every_n_steps: int = 100  # copying / OV / QK-composition scores (and at checkpoints; 0: only there)
     flush_every_n_steps: int = 100  # metrics reach the run directory and W&B this often
+    background: bool = True  # measure in a worker thread on a copy of the weights (with more than one core)
     heatmap_every_n_steps: int = 500  # per-head score heatmap to W&B as an image (0: never)
     task_size: int = 64  # sequences in the fixed batch of a data option's task metrics (task/...)
     icl_late: Optional[int] = None  # token index; default n_ctx * 500/512 (Olsson et al.)

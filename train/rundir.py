@@ -85,7 +85,10 @@ def read_table(run_dir: str | Path, name: str) -> pa.Table | None:
 
 
 class Table:
-    """Rows kept in memory and rewritten atomically as one Parquet file on `flush`.
+    """Rows kept in memory as Arrow chunks and rewritten atomically as one Parquet file on `flush`.
+
+    Each `append` converts only its own rows; `flush` concatenates the chunks (no copy) and writes them,
+    so a long run's flushes do not re-convert its whole history.
 
     On resume, `load(up_to_step)` keeps the rows at or before the checkpoint's step: later rows are
     recomputed, identically, by the resumed run.
@@ -93,28 +96,40 @@ class Table:
 
     def __init__(self, path: Path):
         self.path = path
-        self.columns: dict[str, list] = {}
+        self.chunks: list[pa.Table] = []
         self.dirty = False
 
     def load(self, up_to_step: int) -> None:
         if not self.path.exists():
             return
         table = pq.read_table(self.path)
-        table = table.filter(pa.compute.less_equal(table["step"], up_to_step))
-        self.columns = {name: table[name].to_pylist() for name in table.column_names}
+        self.chunks = [table.filter(pa.compute.less_equal(table["step"], up_to_step))]
 
-    def append(self, records: list[dict]) -> None:
-        """Add rows; a key missing from a row (or from earlier rows) is null there."""
-        size = len(next(iter(self.columns.values()))) if self.columns else 0
-        for record in records:
-            for key in record:
-                self.columns.setdefault(key, [None] * size)
-            for key, column in self.columns.items():
-                column.append(record.get(key))
-            size += 1
-        self.dirty = True
+    def append(self, rows: list[dict] | dict[str, Any]) -> None:
+        """Add rows, given as records or as columns (equal-length lists or arrays); a key missing from
+        some rows (or from earlier rows) is null there."""
+        if isinstance(rows, list):  # records: every key of any row (from_pylist reads only the first's)
+            keys = dict.fromkeys(key for row in rows for key in row)
+            rows = {key: [row.get(key) for row in rows] for key in keys}
+        chunk = pa.table(rows)
+        if chunk.num_rows:
+            self.chunks.append(chunk)
+            self.dirty = True
+
+    def table(self) -> pa.Table | None:
+        """Every row so far as one table (None before the first row)."""
+        if not self.chunks:
+            return None
+        if len(self.chunks) > 1:
+            self.chunks = [pa.concat_tables(self.chunks, promote_options="default")]
+        return self.chunks[0]
+
+    def columns(self) -> dict[str, list]:
+        """Every row so far, column by column, as Python lists ({} before the first row)."""
+        table = self.table()
+        return table.to_pydict() if table is not None else {}
 
     def flush(self) -> None:
         if self.dirty:
-            write_parquet(self.path, pa.table(self.columns))
+            write_parquet(self.path, self.table())
             self.dirty = False

@@ -110,8 +110,7 @@ class ScheduledCheckpoint(L.Callback):
             self.guard.check()  # never a checkpoint of a model that a NaN has reached
         # Metrics up to this step reach the disk before the checkpoint that claims them.
         if trainer.is_global_zero:
-            self.measure.evaluate(module, step, module.tokens_seen, keep_token_losses=True, circuits=True)
-            self.measure.flush()
+            self.measure.at_checkpoint(module, step)
         name = checkpoint_name(step)
         final = self.run_dir / CHECKPOINTS / name
         tmp = final.with_name(f".{name}.tmp")

@@ -1,13 +1,21 @@
 """Measurement at every step: per-head scores on a fixed probe batch, the ICL score, the evaluation set,
 and the data option's own task metrics (`task/...`, train/data/icl_tasks.py) when it has them.
 
-Values stay on the device until a flush, which moves them to the host in one transfer, appends them
-to the run directory's Parquet tables and sends them to the loggers (W&B, CSV) with their own steps.
+With `probes.background` (the default on a machine with more than one core), the measurements of a
+step run in a worker thread on a copy of the weights taken right after that step's update, while the
+training thread goes on with the next steps: the values are the same as measured in line, and the
+probes cost the training loop little more than the copy. Values stay on the device until a flush,
+which moves them to the host in one transfer, appends them to the run directory's Parquet tables
+and sends them to the loggers (W&B, CSV) with their own steps.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import os
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -23,7 +31,7 @@ from ..circuits import costly_head_scores
 from ..rundir import METRICS, Table
 
 
-# Per-head scores, `[layer, head]` each; the last three only at the evaluation cadence.
+# Per-head scores, `[layer, head]` each; the last three only at the circuits cadence and at checkpoints.
 HEAD_SCORES = ("previous_token", "prefix_matching", "copying", "ov_copying", "induction_qk")
 
 
@@ -43,6 +51,26 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the run stops without saving the broken state."""
 
 
+def done(values: dict[str, Tensor]) -> Future:
+    """A future that already holds `values` (what an in-line measurement gives)."""
+    future: Future = Future()
+    future.set_result(values)
+    return future
+
+
+@dataclass
+class Row:
+    """One step's values: the training loop's own (`extra`) and the measurements' (futures of dicts).
+    `train`: the step has a row in the `train` table (a checkpoint's extra measurements do not)."""
+
+    step: int
+    tokens: int
+    extra: dict[str, Tensor]
+    measured: list[Future] = field(default_factory=list)
+    train: bool = True
+    scored: bool = False  # per-head scores measured at this step
+
+
 class Measure(L.Callback):
     def __init__(self, run_dir: Path, probe_tokens: Tensor, eval_tokens: Tensor, cfg: Any, n_ctx: int,
                  task: Any = None, task_batch: dict[str, Tensor] | None = None):
@@ -59,10 +87,14 @@ class Measure(L.Callback):
         self.late, self.early = probes.icl_positions(n_ctx, cfg.icl_late, cfg.icl_early)
         names = ("train", "heads", "eval", "eval_token_losses")
         self.tables = {name: Table(Path(run_dir) / METRICS / f"{name}.parquet") for name in names}
-        self.pending: list[tuple[int, int, dict[str, Tensor]]] = []
-        self.last_eval_step = -1
-        self.eval_logs: dict[int, dict[str, float]] = {}  # sent to the loggers with their step's row
+        self.pending: list[Row] = []
+        self.last_eval_step, self.last_circuits_step = -1, -1  # each measured once per step
         self.loggers: list = []
+        # Background measurement (made in on_train_start): a worker thread and the weights it reads.
+        self.worker: ThreadPoolExecutor | None = None
+        self.shadow: torch.nn.Module | None = None
+        self.copies: list[tuple[Tensor, Tensor]] = []  # (shadow parameter, live parameter)
+        self.last_job: Future | None = None
 
     # --- Lightning hooks -------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -76,11 +108,17 @@ class Measure(L.Callback):
         step = trainer.global_step
         if not trainer.is_global_zero:
             return
+        if getattr(self.cfg, "background", False) and (os.cpu_count() or 1) > 1:
+            live = getattr(module.model, "_orig_mod", module.model)  # torch.compile's wrapper holds the model
+            self.shadow = copy.deepcopy(live).requires_grad_(False).eval()
+            self.copies = list(zip(self.shadow.parameters(), live.parameters()))
+            self.worker = ThreadPoolExecutor(1, thread_name_prefix="measure")
         for table in self.tables.values():
             table.load(up_to_step=step)  # a resumed run recomputes whatever came after its checkpoint
         if step == 0:
-            self.record(trainer, module, step, extra={})
-            self.evaluate(module, step, module.tokens_seen, keep_token_losses=False, circuits=True)
+            row = Row(step, module.tokens_seen, {}, scored=self.cfg.enabled)
+            row.measured.append(self.submit(module, scores=row.scored, evaluate=True, circuits=row.scored))
+            self.pending.append(row)
             self.flush()  # step 0 on disk at once (and the first table write's imports out of the loop)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
@@ -93,15 +131,31 @@ class Measure(L.Callback):
         }
         if getattr(module, "last_grad_norm", None) is not None:
             extra["grad_norm"] = module.last_grad_norm  # before clipping
-        if self.cfg.enabled and step % self.cfg.every_n_steps == 0:
-            self.record(trainer, module, step, extra)
-        else:
-            self.pending.append((step, module.tokens_seen, extra))
-        if self.cfg.enabled and eval_due(step, self.cfg.eval_every_n_steps):
-            every = self.cfg.circuits_every_n_steps
-            self.evaluate(module, step, module.tokens_seen, circuits=bool(every) and step % every == 0)
-        if step % self.cfg.flush_every_n_steps == 0:
+        cfg = self.cfg
+        row = Row(step, module.tokens_seen, extra, scored=cfg.enabled and step % cfg.every_n_steps == 0)
+        evaluate = cfg.enabled and eval_due(step, cfg.eval_every_n_steps)
+        if row.scored or evaluate:
+            every = cfg.circuits_every_n_steps
+            circuits = row.scored and evaluate and bool(every) and step % every == 0
+            row.measured.append(self.submit(module, scores=row.scored, evaluate=evaluate, circuits=circuits))
+        self.pending.append(row)
+        if step % cfg.flush_every_n_steps == 0:
             self.flush()
+
+    def at_checkpoint(self, module: L.LightningModule, step: int) -> None:
+        """Measure what a checkpoint keeps beside the weights (every per-token loss of the evaluation
+        set, and the costly scores), in line, and flush: metrics reach the disk before the checkpoint."""
+        row = self.pending[-1] if self.pending and self.pending[-1].step == step else None
+        if row is None:  # this step's row was flushed already: only new values, in a row of their own
+            row = Row(step, module.tokens_seen, {}, train=False)
+            self.pending.append(row)
+        # The costly scores go with the step's own per-head scores, so only into a row that has them.
+        circuits = row.scored and self.last_circuits_step != step
+        evaluate = self.last_eval_step != step
+        self.note(step, evaluate, circuits)
+        row.measured.append(done(self.compute(module.model, scores=False, evaluate=evaluate, circuits=circuits,
+                                              token_losses=True)))
+        self.flush()
 
     def on_train_end(self, trainer, module) -> None:
         if trainer.is_global_zero:
@@ -109,10 +163,66 @@ class Measure(L.Callback):
 
     def on_exception(self, trainer, module, exception) -> None:
         if trainer.is_global_zero and not isinstance(exception, (NonFiniteLoss, OSError)):
-            self.flush()  # keep what was measured before the failure (not when writing itself failed)
+            self.flush(keep_going=True)  # keep what was measured before the failure (not when writing failed)
+
+    def teardown(self, trainer, module, stage) -> None:
+        if self.worker is not None:
+            self.worker.shutdown(wait=True, cancel_futures=True)
+            self.worker, self.shadow, self.copies, self.last_job = None, None, [], None
 
     # --- measurements ----------------------------------------------------------------------------
-    @torch.no_grad()
+    def note(self, step: int, evaluate: bool, circuits: bool) -> None:
+        if evaluate:
+            self.last_eval_step = step
+        if circuits:
+            self.last_circuits_step = step
+
+    def submit(self, module: L.LightningModule, **what: bool) -> Future:
+        """Measure the model as it is now: in line, or in the worker on a copy of the weights."""
+        self.note(module.trainer.global_step, what.get("evaluate", False), what.get("circuits", False))
+        if self.worker is None:
+            return done(self.compute(module.model, **what))
+        self.wait()  # the worker still reads the copy of the previous measured step
+        with torch.no_grad():
+            for shadow, live in self.copies:
+                shadow.copy_(live)
+        self.last_job = self.worker.submit(self.compute, self.shadow, **what)
+        return self.last_job
+
+    def wait(self) -> None:
+        """Until the worker is idle (its error, if any, is raised at the flush)."""
+        if self.last_job is not None:
+            wait([self.last_job])
+
+    @torch.inference_mode()
+    def compute(self, model: torch.nn.Module, scores: bool = True, evaluate: bool = False, circuits: bool = False,
+                token_losses: bool = False) -> dict[str, Tensor]:
+        """The measurements of one step, as tensors on the model's device: per-head scores `[layer, head]`,
+        the induction loss and task metrics (`scores`); the evaluation set's loss, ICL score and loss by
+        position (`evaluate`), and every per-token loss (`token_losses`, at checkpoints); the costly
+        per-head scores (`circuits`)."""
+        was_training = model.training
+        model.eval()
+        try:
+            out = self.probe_scores(model) if scores or circuits else {}
+            if scores:
+                out.update(self.task_scores(model))
+            if circuits:
+                out.update(costly_head_scores(model, self.probe_tokens, out["previous_token"]))
+            if not scores:  # measured only for the costly scores: the step's own scores come from elsewhere
+                out = {k: v for k, v in out.items() if k not in ("previous_token", "prefix_matching", "induction_loss")}
+            if evaluate or token_losses:
+                losses = probes.per_token_loss(model(self.eval_tokens), self.eval_tokens)  # [eval, pos - 1]
+                if evaluate:
+                    out["eval/loss"] = losses.mean()
+                    out["eval/icl_score"] = probes.icl_score(losses, self.late, self.early)
+                    out["eval/loss_by_position"] = losses.mean(dim=0)
+                if token_losses:
+                    out["eval/token_losses"] = losses
+        finally:
+            model.train(was_training)
+        return out
+
     def probe_scores(self, model: torch.nn.Module) -> dict[str, Tensor]:
         """Per-head scores `[layer, head]` and the induction loss on the probe batch."""
         logits, patterns = model(self.probe_tokens, return_patterns=True)
@@ -122,45 +232,90 @@ class Measure(L.Callback):
         return {"previous_token": prev, "prefix_matching": pm,
                 "induction_loss": probes.induction_loss(losses, self.rep_len)}
 
-    @torch.no_grad()
     def task_scores(self, model: torch.nn.Module) -> dict[str, Tensor]:
         """The data option's task metrics on its fixed batch (scalars named `task/...`), or nothing."""
         if self.task is None:
             return {}
         return self.task.task_metrics(model(self.task_batch["tokens"]), self.task_batch)
 
-    def record(self, trainer: L.Trainer, module: L.LightningModule, step: int, extra: dict[str, Tensor]) -> None:
-        was_training = module.training
-        module.eval()
-        values = {**extra, **self.probe_scores(module.model), **self.task_scores(module.model)}
-        module.train(was_training)
-        self.pending.append((step, module.tokens_seen, values))
+    # --- writing ---------------------------------------------------------------------------------
+    def flush(self, keep_going: bool = False) -> None:
+        """Move pending values to the host in one transfer; write tables; send to the loggers.
 
-    @torch.no_grad()
-    def evaluate(self, module: L.LightningModule, step: int, tokens: int, keep_token_losses: bool = False,
-                 circuits: bool = False) -> None:
-        """Loss, ICL score and loss by position on the fixed evaluation set. With `keep_token_losses`
-        (at checkpoints), also every per-token loss, for the per-token-loss PCA; with `circuits` (at
-        checkpoints and every `circuits_every_n_steps`), the costly per-head scores."""
-        if step == self.last_eval_step and not keep_token_losses:
+        A non-finite training loss stops the run here: rows before it are written, and since every
+        checkpoint flushes first, no checkpoint ever holds the broken state. A failed measurement is
+        raised here, after the rows before it are written (with `keep_going`, as the run is failing
+        anyway, only those are written)."""
+        rows, values, error = [], [], None
+        for row in self.pending:
+            try:
+                values.append({k: v for part in row.measured for k, v in part.result().items()} | row.extra)
+            except Exception as e:
+                error = e
+                break
+            rows.append(row)
+        self.pending = []
+        bad_step = self.write(rows, values) if rows else None
+        for table in self.tables.values():
+            table.flush()
+        if bad_step is not None:
+            raise NonFiniteLoss(f"non-finite training loss at step {bad_step}; the run stopped there and "
+                                "kept its last good checkpoint")
+        if error is not None and not keep_going:
+            raise error
+
+    def write(self, rows: list[Row], values: list[dict[str, Tensor]]) -> int | None:
+        """Append the rows to the tables and the loggers; the step of a non-finite loss, if any (the rows
+        from it on are dropped)."""
+        flat = torch.cat([v[k].detach().float().flatten() for v in values for k in sorted(v)])
+        flat = flat.cpu().numpy()  # host-side unpacking in numpy: indexing tensors costs microseconds each
+        offset, bad_step, train_rows, heads, evals, token_losses = 0, None, [], [], [], []
+        for row, tensors in zip(rows, values):
+            host: dict[str, np.ndarray] = {}
+            for key in sorted(tensors):
+                n = tensors[key].numel()
+                host[key] = flat[offset:offset + n].reshape(tuple(tensors[key].shape))
+                offset += n
+            loss = host.get("loss")
+            if loss is not None and not math.isfinite(float(loss)):
+                bad_step = row.step
+                break
+            at = {"step": row.step, "tokens": row.tokens}
+            train = {k: float(v) for k, v in host.items() if v.ndim == 0 and not k.startswith("eval/")}
+            if row.train:
+                train_rows.append(at | train)
+            if "prefix_matching" in host:
+                heads.append((row, {name: host[name] for name in HEAD_SCORES if name in host}))
+            if "eval/loss" in host:
+                evals.append(at | {"loss": float(host["eval/loss"]), "icl_score": float(host["eval/icl_score"]),
+                                   "loss_by_position": host["eval/loss_by_position"].tolist()})
+            if "eval/token_losses" in host:
+                token_losses.append(at | {"token_losses": host["eval/token_losses"].ravel().tolist()})
+            self.send(row, train, host, evals[-1] if evals and evals[-1]["step"] == row.step else None)
+        self.tables["train"].append(train_rows)
+        if heads:
+            self.tables["heads"].append(head_columns(heads))
+        self.tables["eval"].append(evals)
+        self.tables["eval_token_losses"].append(token_losses)
+        return bad_step
+
+    def send(self, row: Row, train: dict[str, float], host: dict[str, np.ndarray], ev: dict | None) -> None:
+        """Send one step's values to the loggers (W&B, CSV), per-head scores as `name/L{layer}H{head}`."""
+        if not self.loggers:
             return
-        was_training = module.training
-        module.eval()
-        losses = probes.per_token_loss(module.model(self.eval_tokens), self.eval_tokens)  # [eval, pos - 1]
-        if circuits and self.pending and self.pending[-1][0] == step and "previous_token" in self.pending[-1][2]:
-            values = self.pending[-1][2]
-            values.update(costly_head_scores(module.model, self.probe_tokens, values["previous_token"]))
-        module.train(was_training)
-        by_position = losses.mean(dim=0)
-        if step != self.last_eval_step:
-            loss, icl = torch.stack([losses.mean(), probes.icl_score(losses, self.late, self.early)]).tolist()
-            self.tables["eval"].append([{"step": step, "tokens": tokens, "loss": loss, "icl_score": icl,
-                                         "loss_by_position": by_position.cpu().tolist()}])
-            self.last_eval_step = step
-            self.eval_logs[step] = {"eval/loss": loss, "eval/icl_score": icl}
-        if keep_token_losses:
-            self.tables["eval_token_losses"].append(
-                [{"step": step, "tokens": tokens, "token_losses": losses.flatten().cpu().tolist()}])
+        step = row.step
+        logged: dict[str, float] = {"tokens": row.tokens, **train}
+        for name in HEAD_SCORES:
+            if name in host:
+                for (layer, head), value in np.ndenumerate(host[name]):
+                    logged[f"{name}/L{layer}H{head}"] = float(value)
+        if ev is not None:
+            logged |= {"eval/loss": ev["loss"], "eval/icl_score": ev["icl_score"]}
+        for logger in self.loggers:
+            logger.log_metrics(logged, step)
+        every = self.cfg.heatmap_every_n_steps
+        if every and step % every == 0 and "prefix_matching" in host:
+            self.log_heatmap(step, host["prefix_matching"], host["previous_token"])
 
     def log_heatmap(self, step: int, prefix_matching: np.ndarray, previous_token: np.ndarray) -> None:
         """The per-head score grid as a W&B image (W&B loggers only)."""
@@ -176,54 +331,24 @@ class Measure(L.Callback):
             logger.log_image(key="heads/scores", images=[fig], step=step)
         plt.close(fig)
 
-    def flush(self) -> None:
-        """Move pending values to the host in one transfer; write tables; send to the loggers.
 
-        A non-finite training loss stops the run here: rows before it are written, and since every
-        checkpoint flushes first, no checkpoint ever holds the broken state."""
-        bad_step = None
-        if self.pending:
-            flat = torch.cat([v[k].detach().float().flatten() for _, _, v in self.pending for k in sorted(v)])
-            flat = flat.cpu().numpy()  # host-side unpacking in numpy: indexing tensors costs microseconds each
-            offset, train_rows, head_rows, log_rows = 0, [], [], []
-            for step, tokens, values in self.pending:
-                row: dict[str, np.ndarray] = {}
-                for key in sorted(values):
-                    n = values[key].numel()
-                    row[key] = flat[offset:offset + n].reshape(tuple(values[key].shape))
-                    offset += n
-                train = {"step": step, "tokens": tokens, **{k: float(v) for k, v in row.items() if v.ndim == 0}}
-                if "loss" in train and not math.isfinite(train["loss"]):
-                    bad_step = step
-                    break
-                train_rows.append(train)
-                logged = {k: v for k, v in train.items() if k != "step"}
-                if "prefix_matching" in row:
-                    n_layers, n_heads = row["prefix_matching"].shape
-                    for layer in range(n_layers):
-                        for head in range(n_heads):
-                            head_row = {"step": step, "tokens": tokens, "layer": layer, "head": head}
-                            for name in HEAD_SCORES:
-                                if name in row:
-                                    head_row[name] = float(row[name][layer, head])
-                                    logged[f"{name}/L{layer}H{head}"] = head_row[name]
-                            head_rows.append(head_row)
-                log_rows.append((step, {**logged, **self.eval_logs.pop(step, {})}))
-                every = self.cfg.heatmap_every_n_steps
-                if every and step % every == 0 and "prefix_matching" in row:
-                    self.log_heatmap(step, row["prefix_matching"], row["previous_token"])
-            self.tables["train"].append(train_rows)
-            self.tables["heads"].append(head_rows)
-            for logger in self.loggers:
-                for step, logged in log_rows:
-                    logger.log_metrics(logged, step)
-            self.pending = []
-        for logger in self.loggers:
-            for step, logged in sorted(self.eval_logs.items()):
-                logger.log_metrics(logged, step)
-        self.eval_logs = {}
-        for table in self.tables.values():
-            table.flush()
-        if bad_step is not None:
-            raise NonFiniteLoss(f"non-finite training loss at step {bad_step}; the run stopped there and "
-                                "kept its last good checkpoint")
+def head_columns(heads: list[tuple[Row, dict[str, np.ndarray]]]) -> dict[str, Any]:
+    """The `heads` table's columns: a row per step, layer and head; a score not measured at a step is null."""
+    n_layers, n_heads = heads[0][1]["prefix_matching"].shape
+    per_step = n_layers * n_heads
+    columns: dict[str, Any] = {
+        "step": np.repeat([row.step for row, _ in heads], per_step),
+        "tokens": np.repeat([row.tokens for row, _ in heads], per_step),
+        "layer": np.tile(np.repeat(np.arange(n_layers), n_heads), len(heads)),
+        "head": np.tile(np.arange(n_heads), len(heads) * n_layers),
+    }
+    import pyarrow as pa
+
+    for name in HEAD_SCORES:
+        present = [name in scores for _, scores in heads]
+        if not any(present):
+            continue
+        values = np.concatenate([scores[name].ravel() if name in scores else np.full(per_step, np.nan)
+                                 for _, scores in heads]).astype(np.float64)
+        columns[name] = pa.array(values, mask=np.repeat(~np.array(present), per_step))
+    return columns
