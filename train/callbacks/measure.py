@@ -90,11 +90,16 @@ class Measure(L.Callback):
         self.pending: list[Row] = []
         self.last_eval_step, self.last_circuits_step = -1, -1  # each measured once per step
         self.loggers: list = []
-        # Background measurement (made in on_train_start): a worker thread and the weights it reads.
+        # Background measurement (made in on_train_start): a worker thread and two copies of the model,
+        # used in turn, so the training thread waits only when the worker is two measured steps behind.
         self.worker: ThreadPoolExecutor | None = None
-        self.shadow: torch.nn.Module | None = None
-        self.copies: list[tuple[Tensor, Tensor]] = []  # (shadow parameter, live parameter)
-        self.last_job: Future | None = None
+        self.shadows: list[torch.nn.Module] = []
+        self.shadow_params: list[list[Tensor]] = []
+        self.live_params: list[Tensor] = []
+        self.jobs: list[Future | None] = [None, None]  # the last job that read each copy
+        self.submitted = 0
+        self.last_job: Future | None = None  # the worker's newest job: it runs them in order
+        self.flush_job: Future | None = None  # the newest write of rows in the worker
 
     # --- Lightning hooks -------------------------------------------------------------------------
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
@@ -110,8 +115,9 @@ class Measure(L.Callback):
             return
         if getattr(self.cfg, "background", False) and (os.cpu_count() or 1) > 1:
             live = getattr(module.model, "_orig_mod", module.model)  # torch.compile's wrapper holds the model
-            self.shadow = copy.deepcopy(live).requires_grad_(False).eval()
-            self.copies = list(zip(self.shadow.parameters(), live.parameters()))
+            self.shadows = [copy.deepcopy(live).requires_grad_(False).eval() for _ in range(2)]
+            self.shadow_params = [list(shadow.parameters()) for shadow in self.shadows]
+            self.live_params = list(live.parameters())
             self.worker = ThreadPoolExecutor(1, thread_name_prefix="measure")
         for table in self.tables.values():
             table.load(up_to_step=step)  # a resumed run recomputes whatever came after its checkpoint
@@ -140,7 +146,7 @@ class Measure(L.Callback):
             row.measured.append(self.submit(module, scores=row.scored, evaluate=evaluate, circuits=circuits))
         self.pending.append(row)
         if step % cfg.flush_every_n_steps == 0:
-            self.flush()
+            self.flush(block=False)
 
     def at_checkpoint(self, module: L.LightningModule, step: int) -> None:
         """Measure what a checkpoint keeps beside the weights (every per-token loss of the evaluation
@@ -162,13 +168,19 @@ class Measure(L.Callback):
             self.flush()
 
     def on_exception(self, trainer, module, exception) -> None:
-        if trainer.is_global_zero and not isinstance(exception, (NonFiniteLoss, OSError)):
-            self.flush(keep_going=True)  # keep what was measured before the failure (not when writing failed)
+        if not trainer.is_global_zero:
+            return
+        if isinstance(exception, (NonFiniteLoss, OSError)):  # not when writing failed, or the loss did
+            if self.last_job is not None:
+                wait([self.last_job])  # what the worker is writing, it finishes
+        else:
+            self.flush(keep_going=True)  # keep what was measured before the failure
 
     def teardown(self, trainer, module, stage) -> None:
         if self.worker is not None:
             self.worker.shutdown(wait=True, cancel_futures=True)
-            self.worker, self.shadow, self.copies, self.last_job = None, None, [], None
+            self.worker, self.shadows, self.shadow_params, self.live_params = None, [], [], []
+            self.jobs, self.last_job, self.flush_job = [None, None], None, None
 
     # --- measurements ----------------------------------------------------------------------------
     def note(self, step: int, evaluate: bool, circuits: bool) -> None:
@@ -182,17 +194,14 @@ class Measure(L.Callback):
         self.note(module.trainer.global_step, what.get("evaluate", False), what.get("circuits", False))
         if self.worker is None:
             return done(self.compute(module.model, **what))
-        self.wait()  # the worker still reads the copy of the previous measured step
+        k = self.submitted % 2
+        self.submitted += 1
+        if self.jobs[k] is not None:
+            wait([self.jobs[k]])  # until the worker is done with this copy (an error is raised at the flush)
         with torch.no_grad():
-            for shadow, live in self.copies:
-                shadow.copy_(live)
-        self.last_job = self.worker.submit(self.compute, self.shadow, **what)
-        return self.last_job
-
-    def wait(self) -> None:
-        """Until the worker is idle (its error, if any, is raised at the flush)."""
-        if self.last_job is not None:
-            wait([self.last_job])
+            torch._foreach_copy_(self.shadow_params[k], self.live_params)  # one op for all
+        self.jobs[k] = self.last_job = self.worker.submit(self.compute, self.shadows[k], **what)
+        return self.jobs[k]
 
     @torch.inference_mode()
     def compute(self, model: torch.nn.Module, scores: bool = True, evaluate: bool = False, circuits: bool = False,
@@ -239,23 +248,46 @@ class Measure(L.Callback):
         return self.task.task_metrics(model(self.task_batch["tokens"]), self.task_batch)
 
     # --- writing ---------------------------------------------------------------------------------
-    def flush(self, keep_going: bool = False) -> None:
-        """Move pending values to the host in one transfer; write tables; send to the loggers.
+    def flush(self, block: bool = True, keep_going: bool = False) -> None:
+        """Write every pending row: move its values to the host in one transfer, append them to the
+        tables, write the tables, send them to the loggers.
 
-        A non-finite training loss stops the run here: rows before it are written, and since every
+        Without `block`, with a worker, the worker writes them after the measurements queued before, and
+        the training thread goes on; an error of that write is raised at the next flush, before any
+        later row is written. With `block` (checkpoints, the end, a failure), the rows are on disk on
+        return. With `keep_going` (the run is failing anyway), only what can be written is written."""
+        if self.worker is not None and not block:
+            self.raise_background_error()
+            rows, self.pending = self.pending, []
+            self.flush_job = self.last_job = self.worker.submit(self.write_rows, rows, False)
+            return
+        if self.last_job is not None:
+            wait([self.last_job])  # the worker runs its jobs in order: this is all of them
+        if not keep_going:
+            self.raise_background_error()
+        rows, self.pending = self.pending, []
+        self.write_rows(rows, keep_going)
+
+    def raise_background_error(self) -> None:
+        job = self.flush_job
+        if job is not None and job.done():
+            self.flush_job = None
+            if job.exception() is not None:
+                raise job.exception()
+
+    def write_rows(self, rows: list[Row], keep_going: bool) -> None:
+        """A non-finite training loss stops the run here: rows before it are written, and since every
         checkpoint flushes first, no checkpoint ever holds the broken state. A failed measurement is
-        raised here, after the rows before it are written (with `keep_going`, as the run is failing
-        anyway, only those are written)."""
-        rows, values, error = [], [], None
-        for row in self.pending:
+        raised after the rows before it are written (only those are written with `keep_going`)."""
+        done_rows, values, error = [], [], None
+        for row in rows:
             try:
                 values.append({k: v for part in row.measured for k, v in part.result().items()} | row.extra)
             except Exception as e:
                 error = e
                 break
-            rows.append(row)
-        self.pending = []
-        bad_step = self.write(rows, values) if rows else None
+            done_rows.append(row)
+        bad_step = self.write(done_rows, values) if done_rows else None
         for table in self.tables.values():
             table.flush()
         if bad_step is not None:
@@ -267,8 +299,8 @@ class Measure(L.Callback):
     def write(self, rows: list[Row], values: list[dict[str, Tensor]]) -> int | None:
         """Append the rows to the tables and the loggers; the step of a non-finite loss, if any (the rows
         from it on are dropped)."""
-        flat = torch.cat([v[k].detach().float().flatten() for v in values for k in sorted(v)])
-        flat = flat.cpu().numpy()  # host-side unpacking in numpy: indexing tensors costs microseconds each
+        flat = torch.cat([v[k].reshape(-1) for v in values for k in sorted(v)]).float()
+        flat = flat.cpu().numpy().astype(np.float64)  # host-side unpacking in numpy: indexing tensors costs microseconds each
         offset, bad_step, train_rows, heads, evals, token_losses = 0, None, [], [], [], []
         for row, tensors in zip(rows, values):
             host: dict[str, np.ndarray] = {}
@@ -288,9 +320,9 @@ class Measure(L.Callback):
                 heads.append((row, {name: host[name] for name in HEAD_SCORES if name in host}))
             if "eval/loss" in host:
                 evals.append(at | {"loss": float(host["eval/loss"]), "icl_score": float(host["eval/icl_score"]),
-                                   "loss_by_position": host["eval/loss_by_position"].tolist()})
+                                   "loss_by_position": host["eval/loss_by_position"]})
             if "eval/token_losses" in host:
-                token_losses.append(at | {"token_losses": host["eval/token_losses"].ravel().tolist()})
+                token_losses.append(at | {"token_losses": host["eval/token_losses"].ravel()})
             self.send(row, train, host, evals[-1] if evals and evals[-1]["step"] == row.step else None)
         self.tables["train"].append(train_rows)
         if heads:
