@@ -51,6 +51,11 @@ class NonFiniteLoss(RuntimeError):
     """The training loss became NaN or infinite; the run stops without saving the broken state."""
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container or `taskset` may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def done(values: dict[str, Tensor]) -> Future:
     """A future that already holds `values` (what an in-line measurement gives)."""
     future: Future = Future()
@@ -113,7 +118,7 @@ class Measure(L.Callback):
         step = trainer.global_step
         if not trainer.is_global_zero:
             return
-        if getattr(self.cfg, "background", False) and (os.cpu_count() or 1) > 1:
+        if getattr(self.cfg, "background", False) and usable_cores() > 1:
             live = getattr(module.model, "_orig_mod", module.model)  # torch.compile's wrapper holds the model
             self.shadows = [copy.deepcopy(live).requires_grad_(False).eval() for _ in range(2)]
             self.shadow_params = [list(shadow.parameters()) for shadow in self.shadows]
@@ -211,7 +216,8 @@ class Measure(L.Callback):
         position (`evaluate`), and every per-token loss (`token_losses`, at checkpoints); the costly
         per-head scores (`circuits`)."""
         was_training = model.training
-        model.eval()
+        if was_training:  # the worker's copies are always in eval mode: no walk over the modules
+            model.eval()
         try:
             out = self.probe_scores(model) if scores or circuits else {}
             if scores:
@@ -229,7 +235,8 @@ class Measure(L.Callback):
                 if token_losses:
                     out["eval/token_losses"] = losses
         finally:
-            model.train(was_training)
+            if was_training:
+                model.train()
         return out
 
     def probe_scores(self, model: torch.nn.Module) -> dict[str, Tensor]:
