@@ -22,6 +22,7 @@ from typing import Any
 
 import lightning as L
 import numpy as np
+import pyarrow as pa
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor
@@ -307,7 +308,7 @@ class Measure(L.Callback):
         """Append the rows to the tables and the loggers; the step of a non-finite loss, if any (the rows
         from it on are dropped)."""
         flat = torch.cat([v[k].reshape(-1) for v in values for k in sorted(v)]).float()
-        flat = flat.cpu().numpy().astype(np.float64)  # host-side unpacking in numpy: indexing tensors costs microseconds each
+        flat = flat.cpu().numpy().astype(np.float64)  # unpacked in numpy: indexing tensors costs microseconds
         offset, bad_step, train_rows, heads, evals, token_losses = 0, None, [], [], [], []
         for row, tensors in zip(rows, values):
             host: dict[str, np.ndarray] = {}
@@ -381,8 +382,6 @@ def head_columns(heads: list[tuple[Row, dict[str, np.ndarray]]]) -> dict[str, An
         "layer": np.tile(np.repeat(np.arange(n_layers), n_heads), len(heads)),
         "head": np.tile(np.arange(n_heads), len(heads) * n_layers),
     }
-    import pyarrow as pa
-
     for name in HEAD_SCORES:
         present = [name in scores for _, scores in heads]
         if not any(present):
