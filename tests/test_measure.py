@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.conftest import run_train
-from tests.test_resume import ONE_THREAD, SHORT, assert_same_run
+from tests.test_resume import SHORT, assert_same_run
 from train.callbacks.checkpoint import is_scheduled
 from train.callbacks.measure import Measure, Row, done
 from train.rundir import Table
@@ -19,7 +19,7 @@ def test_background_measurement_equals_in_line(tmp_path):
     checkpoint and summary field is the same as when the training thread measures them itself."""
     background, in_line = tmp_path / "background", tmp_path / "in_line"
     for run_dir, flag in ((background, "true"), (in_line, "false")):
-        proc = run_train(*SHORT, "trainer.max_steps=40", f"probes.background={flag}", run_dir=run_dir, env=ONE_THREAD)
+        proc = run_train(*SHORT, "trainer.max_steps=40", f"probes.background={flag}", run_dir=run_dir)
         assert proc.returncode == 0, proc.stderr[-2000:]
     assert_same_run(background, in_line, 40)
     heads = pq.read_table(background / "metrics" / "heads.parquet").to_pydict()
@@ -42,7 +42,7 @@ def test_table_rows_with_different_keys_and_resume(tmp_path):
 
 
 def small_measure(tmp_path):
-    cfg = SimpleNamespace(rep_len=3, icl_late=None, icl_early=None, heatmap_every_n_steps=0)
+    cfg = SimpleNamespace(rep_len=3, icl_late=None, icl_early=None, icl_span=2.0, heatmap_every_n_steps=0)
     return Measure(tmp_path, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long), cfg, n_ctx=8)
 
 

@@ -226,7 +226,9 @@ class AttentionOnlyTransformer(nn.Module):
         `edits` maps a layer index to a `HeadEdit` (used by ablations).
         """
         t = tokens.shape[1]
-        x = self.W_E[tokens]  # [batch, pos, d_model]
+        # Not `W_E[tokens]`: its backward on the CPU adds rows with atomic adds from several threads, in
+        # an order that changes from run to run; `embedding`'s backward sums each row in a fixed order.
+        x = F.embedding(tokens, self.W_E)  # [batch, pos, d_model]
         qk_pos, rotary = None, None
         if self.spec.positional == "learned":
             x = x + self.W_pos[:t]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import sys
 from typing import Any
 
 import numpy as np
@@ -12,6 +13,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from .environment import differences, environment
 from .model import AttentionOnlyTransformer
 from .probes import per_token_loss
 
@@ -46,6 +48,8 @@ class InductionLM(L.LightningModule):
         self.last_loss: Tensor | None = None
         self.last_grad_norm: Tensor | None = None  # before clipping; set by configure_gradient_clipping
         self._trained: list[Tensor] | None = None  # see `trained_parameters`
+        # On resume: how this process differs from the one that wrote the checkpoint (summary.json).
+        self.environment_changes: list[str] = []
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         tokens = batch["tokens"]
@@ -95,11 +99,17 @@ class InductionLM(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint["rng"] = rng_state()
+        checkpoint["environment"] = environment(self.device)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint["tokens_seen"])
         if "rng" in checkpoint:
             set_rng_state(checkpoint["rng"])
+        if "environment" in checkpoint:
+            self.environment_changes = differences(checkpoint["environment"], environment(self.device))
+            if self.environment_changes and self.trainer.is_global_zero:
+                print(f"warning: resumed in a different environment ({', '.join(self.environment_changes)}): "
+                      "the run continues, but is no longer bit-identical to an uninterrupted one", file=sys.stderr)
 
 
 def rng_state() -> dict[str, Any]:

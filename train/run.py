@@ -24,12 +24,25 @@ from .rundir import CONFIG, write_text
 from .loggers import build_loggers, finish_loggers
 
 
-# Keys that change how a run is computed, not what: a resumed run may set them anew.
-FREE_ON_RESUME = ("data.num_workers",)
+# What a resumed run must share with the run it continues: everything that decides its weights or the
+# meaning of its metric columns. Changing one of these starts a new run (a new directory), not a resume.
+RESUME_MUST_MATCH = ("model", "data", "optim", "probes", "seed", "compile", "trainer.precision",
+                     "trainer.gradient_clip_val", "trainer.accumulate_grad_batches", "trainer.deterministic")
+# Keys that change how a run is computed or written, not what: a resumed run may set them anew.
+FREE_ON_RESUME = ("data.num_workers", "probes.background", "probes.flush_every_n_steps",
+                  "probes.heatmap_every_n_steps")
+
+
+def leaves(node: Any, prefix: str) -> dict[str, Any]:
+    """`{"group.key": value}` for every leaf under `node` (a config node or a plain value)."""
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in leaves(sub, f"{prefix}.{key}").items()}
+    return {prefix: getattr(node, "value", node)}
 
 
 def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
-    """The checkpoint to resume from; the saved model and data must match the current config."""
+    """The checkpoint to resume from; the saved config must match the current one on every key that
+    decides the weights or the metrics (`RESUME_MUST_MATCH`), else one line names the first that does not."""
     if not (run_dir / CONFIG).exists():
         raise ConfigError(f"resume={run_dir}: not a run directory (no {CONFIG})")
     ckpt = last_checkpoint(run_dir)
@@ -40,13 +53,15 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
     if missing:
         raise RunError(f"{ckpt}: not a checkpoint of this harness (no {', '.join(missing)})")
     saved = OmegaConf.load(run_dir / CONFIG)
-    for group in ("model", "data"):
-        for key, value in OmegaConf.to_container(cfg[group], resolve=True).items():
-            if f"{group}.{key}" in FREE_ON_RESUME:
+    for group in RESUME_MUST_MATCH:
+        node = OmegaConf.select(cfg, group)
+        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        for key, value in leaves(node, group).items():
+            if key in FREE_ON_RESUME:
                 continue
-            old = OmegaConf.select(saved, f"{group}.{key}")
-            if str(old) != str(getattr(value, "value", value)):
-                raise ConfigError(f"{group}.{key}={value}: the run being resumed used {old}")
+            old = OmegaConf.select(saved, key)
+            if str(old) != str(value):
+                raise ConfigError(f"{key}={value}: the run being resumed used {old} (start a new run to change it)")
     return ckpt
 
 

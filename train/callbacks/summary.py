@@ -9,6 +9,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 
+from ..environment import environment
 from ..phase import classify_heads, detect_phase_change
 from ..rundir import SUMMARY, write_json
 from .measure import Measure
@@ -59,10 +60,13 @@ class RunSummary(L.Callback):
         self.started = time.time()
         self.summary: dict | None = None
 
-    def write(self, status: str, error: str | None = None) -> dict:
+    def write(self, module, status: str, error: str | None = None) -> dict:
         m = self.cfg.model
         summary = {"status": status, **summarize(self.measure, self.cfg.probes, self.cfg.phase, m.n_layers, m.n_heads)}
         summary["wall_time_s"] = round(time.time() - self.started, 1)
+        summary["environment"] = environment(module.device)
+        if module.environment_changes:
+            summary["environment_changes_on_resume"] = module.environment_changes
         if error:
             summary["error"] = error
         write_json(self.run_dir / SUMMARY, summary)
@@ -72,7 +76,7 @@ class RunSummary(L.Callback):
     def on_train_end(self, trainer, module) -> None:
         if not trainer.is_global_zero:
             return
-        summary = self.write("finished")
+        summary = self.write(module, "finished")
         for logger in trainer.loggers:
             experiment = getattr(logger, "experiment", None)
             if hasattr(experiment, "summary"):  # W&B: the window and heads as run summary fields
@@ -83,4 +87,4 @@ class RunSummary(L.Callback):
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         if trainer.is_global_zero:
-            self.write("failed", f"{type(exception).__name__}: {exception}")
+            self.write(module, "failed", f"{type(exception).__name__}: {exception}")
