@@ -79,9 +79,9 @@ class Run:
         return probe_tokens(self.cfg, self.generator)
 
     @property
-    def icl_positions(self) -> tuple[int, int]:
+    def icl_positions(self) -> tuple[slice, slice]:
         p = self.cfg.probes
-        return probes.icl_positions(self.cfg.model.n_ctx, p.icl_late, p.icl_early)
+        return probes.icl_positions(self.cfg.model.n_ctx, p.icl_late, p.icl_early, p.icl_span)
 
     @property
     def shape(self) -> tuple[int, int]:

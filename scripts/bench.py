@@ -197,7 +197,7 @@ def run_lens(cfg, device, clock) -> dict:
     score_weights = torch.stack([probes.previous_token_weights(*probe.shape, device),
                                  probes.prefix_matching_weights(probe)])  # once, as `Measure` does
     p, n_layers = OmegaConf.to_object(cfg.probes), cfg.model.n_layers  # a dataclass: cheap to read per step
-    late, early = probes.icl_positions(cfg.model.n_ctx, p.icl_late, p.icl_early)
+    late, early = probes.icl_positions(cfg.model.n_ctx, p.icl_late, p.icl_early, p.icl_span)
     pending: list[torch.Tensor] = []
     only_patterns = lambda name: name.endswith("hook_pattern")  # noqa: E731
 

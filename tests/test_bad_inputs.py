@@ -45,7 +45,7 @@ CONFIG_CASES = {
     "tiny context": (["model.n_ctx=4"], "model.n_ctx=4: must be at least 8"),
     # n_ctx smaller than the probes need
     "context shorter than probes": (["model.n_ctx=32"], "probes.rep_len=20: needs a context of 1 + 2 * rep_len = 41 tokens; model.n_ctx=32"),
-    "ICL positions reversed": (["probes.icl_early=10", "probes.icl_late=5"], "probes.icl_late/icl_early: "),
+    "ICL positions reversed": (["probes.icl_early=10", "probes.icl_late=5"], "probes.icl_late/icl_early/icl_span: "),
     "probe longer than vocab": (["data.d_vocab=16", "probes.rep_len=20", "model.n_ctx=64"], "probes.rep_len=20: needs that many distinct tokens"),
     # data sizes
     "zero batch": (["data.batch_size=0"], "data.batch_size=0: must be at least 1"),

@@ -77,7 +77,7 @@ def test_measure_scores_every_head_as_the_score_functions_do(setup, tmp_path):
     from train.callbacks.measure import Measure
 
     model, tokens, logits, patterns = setup
-    cfg = SimpleNamespace(rep_len=10, icl_late=None, icl_early=None)
+    cfg = SimpleNamespace(rep_len=10, icl_late=None, icl_early=None, icl_span=2.0)
     values = Measure(tmp_path, tokens, tokens, cfg, n_ctx=T).probe_scores(model)
     prev = torch.stack([probes.previous_token_score(p) for p in patterns])
     pm = torch.stack([probes.prefix_matching_score(p, tokens) for p in patterns])

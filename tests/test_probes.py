@@ -53,15 +53,27 @@ def test_prefix_matching_mask_marks_the_token_after_each_earlier_occurrence():
 
 
 def test_icl_score_and_positions():
-    assert probes.icl_positions(512) == (500, 50)
-    assert probes.icl_positions(128) == (125, 12)
-    assert probes.icl_positions(128, late=100, early=10) == (100, 10)
+    # The paper's single positions (span 1): 500 and 50 of 512, scaled to the context.
+    assert probes.icl_positions(512, span=1) == (slice(500, 501), slice(50, 51))
+    assert probes.icl_positions(128, span=1) == (slice(125, 126), slice(12, 13))
+    assert probes.icl_positions(128, late=100, early=10, span=1) == (slice(100, 101), slice(10, 11))
+    # Windows a factor of 2 wide in position, centred in log position: 50/sqrt2 .. 50*sqrt2 = 36..70;
+    # the late window is cut at the last index (510).
+    assert probes.icl_positions(512) == (slice(354, 511), slice(36, 71))
     with pytest.raises(ValueError):
         probes.icl_positions(128, late=5, early=10)
+    with pytest.raises(ValueError, match="overlap"):
+        probes.icl_positions(128, late=20, early=10, span=4)
     losses = torch.zeros(4, 127)
     losses[:, 125] = 1.0
     losses[:, 12] = 3.0
     assert probes.icl_score(losses, 125, 12).item() == pytest.approx(-2.0)
+    late, early = probes.icl_positions(128)  # 89..126 and 9..16
+    losses = torch.zeros(4, 127)
+    losses[:, 89:127] = 1.0
+    losses[:, 9:17] = torch.arange(8.0)  # mean 3.5
+    losses[:, 17] = 100.0  # outside both windows
+    assert probes.icl_score(losses, late, early).item() == pytest.approx(1.0 - 3.5)
 
 
 def test_per_token_loss_and_induction_loss():

@@ -197,6 +197,9 @@ class ProbesConfig:
     task_size: int = 64  # sequences in the fixed batch of a data option's task metrics (task/...)
     icl_late: Optional[int] = None  # token index; default n_ctx * 500/512 (Olsson et al.)
     icl_early: Optional[int] = None  # token index; default n_ctx * 50/512
+    # The ICL score averages the loss over the positions within this factor of each index (late/sqrt(span)
+    # to late*sqrt(span)), so its evaluation noise is small; 1: the paper's single positions.
+    icl_span: float = 2.0
     induction_threshold: float = 0.5  # prefix-matching score that makes a head an induction head
     previous_token_threshold: float = 0.5  # previous-token score that makes a previous-token head
 
@@ -337,9 +340,9 @@ def validate(cfg: DictConfig) -> None:
     from .probes import icl_positions
 
     try:
-        icl_positions(m.n_ctx, p.icl_late, p.icl_early)
+        icl_positions(m.n_ctx, p.icl_late, p.icl_early, p.icl_span)
     except ValueError as e:
-        raise ConfigError(f"probes.icl_late/icl_early: {e}") from None
+        raise ConfigError(f"probes.icl_late/icl_early/icl_span: {e}") from None
     _require(cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", cfg.checkpoint.every_n_steps,
              "must be 0 (off) or more")
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",

@@ -7,6 +7,8 @@ predicting token `i + 1` from tokens `0..i`.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -65,21 +67,35 @@ def prefix_matching_score(pattern: Tensor, tokens: Tensor, mask: Tensor | None =
     return weighted_attention(pattern, prefix_matching_weights(tokens, mask))
 
 
-def icl_positions(n_ctx: int, late: int | None = None, early: int | None = None) -> tuple[int, int]:
-    """Token indices for the ICL score. Olsson et al. use 500 and 50 in a 512-token context; shorter
-    contexts default to the same proportions. Returned as indices into a per-token loss vector."""
+def icl_positions(n_ctx: int, late: int | None = None, early: int | None = None,
+                  span: float = 2.0) -> tuple[slice, slice]:
+    """The two windows of token indices the ICL score compares, as slices into a per-token loss vector
+    `[pos - 1]`. Centred (in log position) on Olsson et al.'s indices 500 and 50 of a 512-token context,
+    scaled to `n_ctx` unless given; each window spans a factor `span` around its centre, positions
+    `c / sqrt(span)` to `c * sqrt(span)`, as the paper plots loss against log position. `span=1` is the
+    paper's single positions."""
     last = n_ctx - 2  # the last index of a `[pos - 1]` loss vector
     late = round(n_ctx * 500 / 512) if late is None else late
     early = round(n_ctx * 50 / 512) if early is None else early
     late, early = min(late, last), min(early, last)
     if not 0 <= early < late:
         raise ValueError(f"icl early={early} and late={late} must satisfy 0 <= early < late < n_ctx - 1")
-    return late, early
+    if span < 1:
+        raise ValueError(f"span={span} must be at least 1 (1: single positions)")
+
+    r = math.sqrt(span)
+    lo = slice(math.ceil(early / r), min(last, math.floor(early * r)) + 1)
+    hi = slice(math.ceil(late / r), min(last, math.floor(late * r)) + 1)
+    if lo.stop > hi.start:
+        raise ValueError(f"icl windows {lo.start}-{lo.stop - 1} and {hi.start}-{hi.stop - 1} overlap: "
+                         f"span={span} is too wide for early={early}, late={late}")
+    return hi, lo
 
 
-def icl_score(token_losses: Tensor, late: int, early: int) -> Tensor:
-    """In-context-learning score (Olsson et al. 2022, sec. 2): mean loss at token index `late` minus mean
-    loss at index `early`. Negative means later tokens are predicted better: more in-context learning."""
+def icl_score(token_losses: Tensor, late: slice | int, early: slice | int) -> Tensor:
+    """In-context-learning score (Olsson et al. 2022, sec. 2): mean loss over the `late` token indices
+    minus mean loss over the `early` ones (`icl_positions`; the paper uses single indices). Negative
+    means later tokens are predicted better: more in-context learning."""
     return token_losses[..., late].mean() - token_losses[..., early].mean()
 
 

@@ -82,7 +82,7 @@ def run(args) -> None:
     for name in ("delta_loss_by_position", "delta_token_losses"):  # float32 halves the file
         table = table.set_column(table.schema.get_field_index(name), name, table[name].cast(pa.list_(pa.float32())))
     late, early = r.icl_positions
-    meta = {"method": args.method, "icl_late": str(late), "icl_early": str(early),
+    meta = {"method": args.method, "icl_late": f"{late.start}-{late.stop - 1}", "icl_early": f"{early.start}-{early.stop - 1}",
             "delta_token_losses_shape": f"{r.cfg.data.eval_size}x{r.cfg.model.n_ctx - 1}",
             **({"mean_reference": "per-position mean of z over batch 1 of the evaluation stream"}
                if args.method == "mean" else {}),

@@ -90,7 +90,7 @@ class Measure(L.Callback):
         self.score_weights = torch.stack([probes.previous_token_weights(batch, t),
                                           probes.prefix_matching_weights(probe_tokens)])  # [2, batch, q, k]
         self.rep_len = cfg.rep_len
-        self.late, self.early = probes.icl_positions(n_ctx, cfg.icl_late, cfg.icl_early)
+        self.late, self.early = probes.icl_positions(n_ctx, cfg.icl_late, cfg.icl_early, cfg.icl_span)
         names = ("train", "heads", "eval", "eval_token_losses")
         self.tables = {name: Table(Path(run_dir) / METRICS / f"{name}.parquet") for name in names}
         self.pending: list[Row] = []

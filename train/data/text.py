@@ -14,7 +14,7 @@ same settings starts at once and a changed file rebuilds. Every file is written 
 rename) and `meta.json` last, so a killed run never leaves a cache that looks complete.
 
 Training batch i draws `batch` random rows of the training split with `batch_rng(seed, i)`; the
-fixed evaluation set draws distinct rows of the held-out split.
+fixed evaluation set is windows at random offsets of the held-out split (`TextData.eval_batch`).
 """
 
 from __future__ import annotations
@@ -111,12 +111,20 @@ class TextData:
         return np.asarray(train[rows], dtype=np.int64)  # [batch, seq_len]
 
     def eval_batch(self, rng: np.random.Generator, n: int) -> np.ndarray:
-        held = self.heldout_rows
-        if n > len(held):
-            raise ConfigError(f"data.eval_size={n}: the held-out split has only {len(held)} sequences; lower "
-                              "data.eval_size or raise data.heldout_fraction")
-        rows = np.sort(rng.choice(len(held), size=n, replace=False))
-        return np.asarray(held[rows], dtype=np.int64)  # [n, seq_len]
+        """`n` windows of BOS + (seq_len - 1) held-out tokens at distinct random offsets of the held-out
+        stream. Random offsets put every held-out token at every position alike, so a model without
+        in-context learning has the same expected loss early and late in the window: the ICL score
+        of a fixed evaluation set carries no offset set by which text sits at which position."""
+        stream = self.heldout_rows[:, 1:].reshape(-1)  # the rows' leading BOS dropped; documents keep theirs
+        body = self.seq_len - 1
+        starts = len(stream) - body + 1
+        if n > starts:
+            raise ConfigError(f"data.eval_size={n}: the held-out split has only {len(stream)} tokens, too few "
+                              f"for {n} distinct windows of {body}; lower data.eval_size or raise "
+                              "data.heldout_fraction")
+        offsets = np.sort(rng.choice(starts, size=n, replace=False))
+        windows = np.asarray(stream, dtype=np.int64)[offsets[:, None] + np.arange(body)]  # [n, seq_len - 1]
+        return np.concatenate([np.full((n, 1), BOS, dtype=np.int64), windows], axis=1)  # [n, seq_len]
 
     def unigram(self) -> np.ndarray:
         """Token frequencies in the training split over the full vocabulary (`d_vocab`); BOS gets 0."""
