@@ -341,8 +341,7 @@ def test_config_errors_name_the_key(compose_cfg, overrides, key):
 def test_task_metrics_reach_train_parquet(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train("experiment=random_copies", "logger=none", "trainer.max_steps=6", "probes.every_n_steps=2",
-                     "checkpoint.enabled=false", run_dir=run_dir, timeout=300,
-                     env={"OMP_NUM_THREADS": "1"})
+                     "checkpoint.enabled=false", run_dir=run_dir, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     table = pq.read_table(run_dir / "metrics" / "train.parquet").to_pydict()
     acc = dict(zip(table["step"], table["task/copy_accuracy"]))
