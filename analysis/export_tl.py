@@ -17,7 +17,8 @@ renames modules. The schemes map as follows:
   `base^(-2i/d_head)`), which is TransformerLens' non-adjacent convention.
 - `none` -> `"standard"` with `W_pos` all zeros: exactly the same function (TransformerLens has no
   position-free scheme). Fine-tuning the exported model would let it learn positions.
-- `layernorm` -> `normalization_type="LN"` (else None); `d_mlp > 0` -> `attn_only=False`,
+- `layernorm=pre` -> `normalization_type="LN"`, `none` -> None (`final`, LayerNorm before the
+  unembedding only, has no counterpart: export refuses it); `d_mlp > 0` -> `attn_only=False`,
   `act_fn="gelu"` (exact erf GELU, as `torch.nn.functional.gelu`).
 - The smeared key (Olsson et al. 2022) and `position_layers` (positions in the first layers only) have no
   TransformerLens counterpart: export refuses them.
@@ -51,13 +52,16 @@ def tl_config(model: AttentionOnlyTransformer) -> dict:
     if s.position_layers is not None and s.position_layers < s.n_layers:
         raise ExportError(f"model.position_layers={s.position_layers}: TransformerLens gives positions to every "
                           "layer; cannot export")
+    if s.layernorm == "final":
+        raise ExportError("model.layernorm=final: TransformerLens normalises inside every layer or nowhere; "
+                          "cannot export")
     positional = {"shortformer": "shortformer", "learned": "standard", "none": "standard",
                   "rotary": "rotary"}[s.positional]
     cfg = {
         "n_layers": s.n_layers, "d_model": s.d_model, "n_ctx": s.n_ctx, "d_head": s.d_head,
         "n_heads": s.n_heads, "d_vocab": s.d_vocab, "d_vocab_out": s.d_vocab,
         "attn_only": s.d_mlp == 0, "d_mlp": s.d_mlp or None, "act_fn": "gelu" if s.d_mlp else None,
-        "normalization_type": "LN" if s.layernorm else None,
+        "normalization_type": "LN" if s.layernorm == "pre" else None,
         "positional_embedding_type": positional, "eps": 1e-5,
         "default_prepend_bos": False,  # our sequences carry their own BOS (token 0)
     }
@@ -77,14 +81,14 @@ def tl_state_dict(model: AttentionOnlyTransformer) -> dict[str, Tensor]:
     for i, block in enumerate(model.blocks):
         for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
             sd[f"blocks.{i}.attn.{name}"] = getattr(block.attn, name)
-        if s.layernorm:
+        if s.layernorm == "pre":
             sd[f"blocks.{i}.ln1.w"], sd[f"blocks.{i}.ln1.b"] = block.ln1.weight, block.ln1.bias
         if block.mlp is not None:
-            if s.layernorm:
+            if s.layernorm == "pre":
                 sd[f"blocks.{i}.ln2.w"], sd[f"blocks.{i}.ln2.b"] = block.ln2.weight, block.ln2.bias
             for name in ("W_in", "b_in", "W_out", "b_out"):
                 sd[f"blocks.{i}.mlp.{name}"] = getattr(block.mlp, name)
-    if s.layernorm:
+    if s.layernorm == "pre":
         sd["ln_final.w"], sd["ln_final.b"] = model.ln_final.weight, model.ln_final.bias
     sd["unembed.W_U"], sd["unembed.b_U"] = model.W_U, model.b_U
     return {k: v.detach().float().cpu().contiguous().clone() for k, v in sd.items()}

@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def small_model(**kw) -> AttentionOnlyTransformer:
     torch.manual_seed(0)
-    spec = dict(n_layers=3, n_heads=3, d_model=24, d_head=8, n_ctx=16, d_vocab=13, layernorm=False)
+    spec = dict(n_layers=3, n_heads=3, d_model=24, d_head=8, n_ctx=16, d_vocab=13, layernorm="none")
     model = AttentionOnlyTransformer(ModelSpec(**{**spec, **kw})).eval()
     with torch.no_grad():
         for p in model.parameters():

@@ -24,7 +24,7 @@ def hand_built() -> AttentionOnlyTransformer:
     """
     d_model, d_head = 3 * V + T, max(V, T)
     spec = ModelSpec(n_layers=2, n_heads=2, d_model=d_model, d_head=d_head, n_ctx=T, d_vocab=V,
-                     positional="shortformer", layernorm=False)
+                     positional="shortformer", layernorm="none")
     m = AttentionOnlyTransformer(spec)
     tok, prev, pos, out = 0, V, 2 * V, 2 * V + T
     scale = SHARP * np.sqrt(d_head)

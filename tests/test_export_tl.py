@@ -22,7 +22,7 @@ def random_model(**kw) -> AttentionOnlyTransformer:
 
 
 @pytest.mark.parametrize("positional, layernorm, d_mlp",
-                         list(itertools.product(["shortformer", "learned", "rotary", "none"], [True, False], [0, 32])))
+                         list(itertools.product(["shortformer", "learned", "rotary", "none"], ["pre", "none"], [0, 32])))
 def test_round_trip_logits_match(tmp_path, positional, layernorm, d_mlp):
     model = random_model(positional=positional, layernorm=layernorm, d_mlp=d_mlp)
     path = export(model, tmp_path / "model.pt")
@@ -56,6 +56,12 @@ def test_smeared_key_is_refused(tmp_path):
 def test_positions_in_some_layers_only_are_refused(tmp_path):
     with pytest.raises(ExportError, match="position_layers=1"):
         export(random_model(position_layers=1), tmp_path / "model.pt")
+    assert not (tmp_path / "model.pt").exists()
+
+
+def test_layernorm_before_the_unembedding_only_is_refused(tmp_path):
+    with pytest.raises(ExportError, match="layernorm=final"):
+        export(random_model(layernorm="final"), tmp_path / "model.pt")
     assert not (tmp_path / "model.pt").exists()
 
 

@@ -11,7 +11,7 @@ def make(**kw):
 
 
 @pytest.mark.parametrize("positional", POSITIONAL_SCHEMES)
-@pytest.mark.parametrize("extra", [{}, {"smeared_key": True}, {"d_mlp": 16}, {"layernorm": False}])
+@pytest.mark.parametrize("extra", [{}, {"smeared_key": True}, {"d_mlp": 16}, {"layernorm": "none"}, {"layernorm": "final"}])
 def test_fused_equals_explicit_and_shapes(positional, extra):
     model = make(positional=positional, **extra)
     tokens = torch.randint(0, 17, (3, 24))
@@ -146,3 +146,27 @@ def test_gradient_clipping_keeps_the_norm_before_clipping_and_clips_to_the_limit
     lm.configure_gradient_clipping(None, gradient_clip_val=0.5, gradient_clip_algorithm="norm")
     torch.testing.assert_close(lm.last_grad_norm, before)
     torch.testing.assert_close(grad_norm(), torch.tensor(0.5), rtol=1e-4, atol=0)
+
+
+def test_layernorm_final_normalises_only_before_the_unembedding():
+    model = make(layernorm="final", positional="shortformer")
+    tokens = torch.randint(0, 17, (2, 24))
+    # By hand: the raw residual stream into every layer (positions into queries and keys), one
+    # LayerNorm before the unembedding.
+    x, pos = model.W_E[tokens], model.W_pos[:24]
+    for block in model.blocks:
+        x = x + block.attn(x + pos, x)[0]
+    expected = torch.nn.functional.layer_norm(x, (32,), model.ln_final.weight, model.ln_final.bias) @ model.W_U + model.b_U
+    torch.testing.assert_close(model(tokens), expected, atol=1e-5, rtol=1e-5)
+    # Scaling the embeddings changes the function: no LayerNorm inside the layers takes the scale out.
+    with torch.no_grad():
+        model.W_E.mul_(3)
+    assert not torch.allclose(model(tokens), expected, atol=1e-3)
+
+
+def test_embed_std_sets_the_embeddings_init_only():
+    model = make(embed_std=1.0, d_model=64, d_vocab=400, n_ctx=200)
+    default = 0.8 / 64 ** 0.5
+    assert abs(model.W_E.std().item() - 1.0) < 0.02 and abs(model.W_pos.std().item() - 1.0) < 0.02
+    assert abs(model.blocks[0].attn.W_Q.std().item() - default) < 0.01
+    assert abs(make(d_model=64, d_vocab=400, n_ctx=200).W_E.std().item() - default) < 0.01

@@ -171,6 +171,27 @@ def test_batches_are_deterministic_and_eval_comes_from_the_heldout_split(tmp_pat
         assert any(stream[i:i + len(row)] == row for i in range(len(stream) - len(row) + 1))
 
 
+def test_random_training_windows_are_a_function_of_seed_and_step(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs(40)))
+    a = text_data(tmp_path, source="files", data_files=[str(path)], windows="random")
+    b = text_data(tmp_path, source="files", data_files=[str(path)], windows="random")
+    np.testing.assert_array_equal(a(batch_rng(7, 5), 64), b(batch_rng(7, 5), 64))
+    assert not np.array_equal(a(batch_rng(7, 5), 64), a(batch_rng(7, 6), 64))
+    assert not np.array_equal(a(batch_rng(7, 5), 64), a(batch_rng(8, 5), 64))
+    # Each window is BOS + a contiguous stretch of the training stream, starting anywhere in it (packed
+    # rows start only at multiples of seq_len - 1).
+    stream = np.asarray(a.train_rows)[:, 1:].ravel()
+    starts = []
+    for row in a(batch_rng(7, 5), 64):
+        assert row[0] == BOS and len(row) == 32
+        hits = [i for i in np.flatnonzero(stream == row[1]) if np.array_equal(stream[i:i + 31], row[1:])]
+        assert hits
+        starts.append(hits[0])
+    assert len({s % 31 for s in starts}) > 10
+    assert len(stream) - 31 >= max(starts)
+
+
 def test_pack_joins_documents_with_bos_into_windows_that_start_with_bos():
     rows = pack([np.array([5, 6, 7]), np.array([8, 9])], seq_len=4)
     np.testing.assert_array_equal(rows, [[0, 5, 6, 7], [0, 0, 8, 9]])
@@ -322,6 +343,22 @@ def test_train_on_local_text_end_to_end(tmp_path):
                      *common, run_dir=tmp_path / "bad")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.data_files: no such file:")
+
+
+def test_text_run_with_random_windows_resumes_exactly(tmp_path):
+    from tests.test_resume import assert_same_run
+
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs(80)))
+    common = ["data=text_files", f"data.data_files=[{path}]", f"data.cache_dir={tmp_path / 'cache'}", "logger=none",
+              "data.eval_size=8", "data.heldout_fraction=0.2", "data.d_vocab=300", "data.windows=random",
+              "checkpoint.every_n_steps=10", "probes.eval_every_n_steps=5", "probes.flush_every_n_steps=7"]
+    full, half = tmp_path / "full", tmp_path / "half"
+    assert run_train(*common, "trainer.max_steps=30", run_dir=full).returncode == 0
+    assert run_train(*common, "trainer.max_steps=15", run_dir=half).returncode == 0
+    proc = run_train(*common, "trainer.max_steps=30", f"resume={half}", run_dir=half)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert_same_run(full, half, 30)
 
 
 # --- the ICL score on text ------------------------------------------------------------------------

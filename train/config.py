@@ -27,6 +27,12 @@ class Positional(Enum):
     none = "none"  # no position information at all
 
 
+class LayerNorm(Enum):
+    pre = "pre"  # before each layer (and its MLP) and before the unembedding (TransformerLens), the default
+    final = "final"  # before the unembedding only: the residual stream keeps its scale through the layers
+    none = "none"
+
+
 @dataclass
 class ModelConfig:
     n_layers: int = 2  # attention layers
@@ -36,10 +42,11 @@ class ModelConfig:
     n_ctx: int = 64  # context length (training sequences are this long)
     d_vocab: int = II("data.d_vocab")  # vocabulary size, taken from the data by default
     positional: Positional = Positional.shortformer
-    layernorm: bool = True  # LayerNorm before each layer and before the unembedding
+    layernorm: LayerNorm = LayerNorm.pre
     d_mlp: int = 0  # 0: attention-only; > 0: an MLP of this width after each attention layer
     smeared_key: bool = False  # per-head trainable key smearing (Olsson et al.)
     init_std: Optional[float] = None  # weight init std; default 0.8 / sqrt(d_model) (TransformerLens)
+    embed_std: Optional[float] = None  # init std of W_E and W_pos; default init_std
     freeze_embedding: bool = False  # keep W_E at its random init (fixed random token vectors)
     # shortformer/rotary: positions enter the attention of the first N layers only (None: every layer).
     # With 1, later layers can attend by position only through what layer 0 wrote.
@@ -152,6 +159,10 @@ class TextDataConfig(DataConfig):
     bpe_min_frequency: int = 2  # BPE: a pair must occur this often to be merged
     heldout_fraction: float = 0.05  # share of documents held out; the evaluation set comes from them
     split_seed: int = 0  # which documents are held out
+    # Training sequences: packed (random rows of BOS + tokens cut from the split, the same few
+    # positions for a token every time) | random (BOS + a window at a random offset of the split's
+    # token stream, fresh every batch)
+    windows: str = "packed"
     cache_dir: str = "${oc.env:INDUCTION_HARNESS_CACHE,'~/.cache/induction-harness'}"  # tokenizer + packed arrays
 
 
@@ -309,6 +320,8 @@ def validate(cfg: DictConfig) -> None:
         _require(d.span_len_min < m.n_ctx - 1, "data.span_len_min", d.span_len_min,
                  f"must be shorter than the context (model.n_ctx={m.n_ctx})")
         _require(d.spans_per_seq >= 0, "data.spans_per_seq", d.spans_per_seq, "must be 0 or more")
+    if "windows" in d:
+        _require(d.windows in ("packed", "random"), "data.windows", d.windows, "expected packed or random")
     if "concentration" in d:
         _require(d.concentration > 0, "data.concentration", d.concentration, "must be positive")
     validate_icl_task(d, m)

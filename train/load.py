@@ -29,6 +29,8 @@ def load_config(run_dir: str | Path) -> DictConfig:
     schema = OmegaConf.structured(Config)
     saved = OmegaConf.load(path)
     schema.data = saved.data  # the data option's own schema is not needed to read it back
+    if isinstance(saved.model.get("layernorm"), bool):  # runs saved when it was on/off: on meant every layer
+        saved.model.layernorm = "pre" if saved.model.layernorm else "none"
     return OmegaConf.merge(schema, {k: v for k, v in saved.items() if k != "data"})
 
 

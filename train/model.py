@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 POSITIONAL_SCHEMES = ("shortformer", "learned", "rotary", "none")
+LAYERNORMS = ("pre", "final", "none")
 
 
 @dataclass
@@ -145,9 +146,10 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: "ModelSpec"):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model) if cfg.layernorm else nn.Identity()
+        inner = cfg.layernorm == "pre"
+        self.ln1 = nn.LayerNorm(cfg.d_model) if inner else nn.Identity()
         self.attn = Attention(cfg.n_heads, cfg.d_model, cfg.d_head, cfg.smeared_key)
-        self.ln2 = nn.LayerNorm(cfg.d_model) if (cfg.layernorm and cfg.d_mlp) else nn.Identity()
+        self.ln2 = nn.LayerNorm(cfg.d_model) if (inner and cfg.d_mlp) else nn.Identity()
         self.mlp = MLP(cfg.d_model, cfg.d_mlp) if cfg.d_mlp else None
 
     def forward(self, x, qk_pos, rotary, need_pattern, edit):
@@ -171,10 +173,11 @@ class ModelSpec:
     n_ctx: int = 128
     d_vocab: int = 64
     positional: str = "shortformer"
-    layernorm: bool = True
+    layernorm: str = "pre"
     d_mlp: int = 0
     smeared_key: bool = False
     init_std: float | None = None
+    embed_std: float | None = None
     freeze_embedding: bool = False
     position_layers: int | None = None
 
@@ -184,6 +187,8 @@ class AttentionOnlyTransformer(nn.Module):
         super().__init__()
         if spec.positional not in POSITIONAL_SCHEMES:
             raise ValueError(f"model.positional={spec.positional!r}: expected one of {POSITIONAL_SCHEMES}")
+        if spec.layernorm not in LAYERNORMS:
+            raise ValueError(f"model.layernorm={spec.layernorm!r}: expected one of {LAYERNORMS}")
         if spec.position_layers is not None and spec.positional not in ("shortformer", "rotary"):
             raise ValueError(f"model.position_layers applies to shortformer and rotary positions, "
                              f"not {spec.positional!r}")
@@ -195,7 +200,7 @@ class AttentionOnlyTransformer(nn.Module):
             else None
         )
         self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
-        self.ln_final = nn.LayerNorm(spec.d_model) if spec.layernorm else nn.Identity()
+        self.ln_final = nn.LayerNorm(spec.d_model) if spec.layernorm != "none" else nn.Identity()
         self.W_U = nn.Parameter(torch.empty(spec.d_model, spec.d_vocab))
         self.b_U = nn.Parameter(torch.zeros(spec.d_vocab))
         if spec.positional == "rotary":
@@ -210,9 +215,10 @@ class AttentionOnlyTransformer(nn.Module):
     def reset_parameters(self) -> None:
         # TransformerLens' default: N(0, 0.8 / sqrt(d_model)) for every matrix, zero biases.
         std = self.spec.init_std or 0.8 / math.sqrt(self.spec.d_model)
+        embeddings = {"W_E", "W_pos"}
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                nn.init.normal_(p, std=std)
+                nn.init.normal_(p, std=(self.spec.embed_std or std) if name in embeddings else std)
 
     def forward(
         self,

@@ -228,7 +228,7 @@ class Measure(L.Callback):
             if not scores:  # measured only for the costly scores: the step's own scores come from elsewhere
                 out = {k: v for k, v in out.items() if k not in ("previous_token", "prefix_matching", "induction_loss")}
             if evaluate or token_losses:
-                losses = probes.per_token_loss(model(self.eval_tokens), self.eval_tokens)  # [eval, pos - 1]
+                losses = probes.eval_losses(model, self.eval_tokens)  # [eval, pos - 1]
                 if evaluate:
                     out["eval/loss"] = losses.mean()
                     out["eval/icl_score"] = probes.icl_score(losses, self.late, self.early)

@@ -13,8 +13,10 @@ config, split, revision), the caps, the tokenizer settings and the split, so a s
 same settings starts at once and a changed file rebuilds. Every file is written atomically (temp +
 rename) and `meta.json` last, so a killed run never leaves a cache that looks complete.
 
-Training batch i draws `batch` random rows of the training split with `batch_rng(seed, i)`; the
-fixed evaluation set is windows at random offsets of the held-out split (`TextData.eval_batch`).
+Training batch i is drawn with `batch_rng(seed, i)`: `batch` random rows of the training split
+(`windows="packed"`), or `batch` windows at random offsets of its token stream (`windows="random"`,
+so a token is seen at every position of the context); the fixed evaluation set is windows at random
+offsets of the held-out split (`TextData.eval_batch`).
 """
 
 from __future__ import annotations
@@ -75,6 +77,18 @@ def pack(docs_ids: Sequence[np.ndarray], seq_len: int) -> np.ndarray:
     return np.concatenate([np.full((n, 1), BOS, dtype=np.int32), rows], axis=1)
 
 
+def stream_of(rows: np.ndarray) -> np.ndarray:
+    """The token stream that packed rows were cut from: their leading BOS dropped (the BOS between
+    documents stays)."""
+    return np.ascontiguousarray(rows[:, 1:]).reshape(-1)
+
+
+def windows_at(stream: np.ndarray, offsets: np.ndarray, seq_len: int) -> np.ndarray:
+    """BOS + the `seq_len - 1` tokens of `stream` from each offset: `[len(offsets), seq_len]` int64."""
+    body = np.asarray(stream[offsets[:, None] + np.arange(seq_len - 1)], dtype=np.int64)
+    return np.concatenate([np.full((len(offsets), 1), BOS, dtype=np.int64), body], axis=1)
+
+
 def _stream_len(docs_ids: Sequence[np.ndarray]) -> int:
     return sum(len(x) for x in docs_ids) + max(len(docs_ids) - 1, 0)
 
@@ -86,14 +100,18 @@ class TextData:
     `ConfigError`s."""
 
     def __init__(self, d_vocab: int, seq_len: int, tokenizer: str = "bpe", heldout_fraction: float = 0.05,
-                 split_seed: int = 0, cache_dir: Optional[str] = None, bpe_min_frequency: int = 2, **corpus):
-        self.d_vocab, self.seq_len, self.kind = d_vocab, seq_len, tokenizer
+                 split_seed: int = 0, cache_dir: Optional[str] = None, bpe_min_frequency: int = 2,
+                 windows: str = "packed", **corpus):
+        if windows not in ("packed", "random"):
+            raise ConfigError(f"data.windows={windows}: expected packed or random")
+        self.d_vocab, self.seq_len, self.kind, self.windows = d_vocab, seq_len, tokenizer, windows
         self.heldout_fraction, self.split_seed, self.bpe_min_frequency = heldout_fraction, split_seed, bpe_min_frequency
         self.cache_root = Path(os.path.expanduser(cache_dir or os.environ.get("INDUCTION_HARNESS_CACHE") or DEFAULT_CACHE))
         self.spec = CorpusSpec(**corpus, datasets_cache=str(self.cache_root / "datasets"))
         self._train: Optional[np.ndarray] = None
         self._heldout: Optional[np.ndarray] = None
         self._counts: Optional[np.ndarray] = None
+        self._train_stream: Optional[np.ndarray] = None
         self.meta: dict = {}
         self._key: Optional[str] = None
         self.built = False  # True when this instance built the cache (not read it)
@@ -101,11 +119,16 @@ class TextData:
     def __getstate__(self) -> dict:
         # A loader worker started by spawn (macOS, Windows) gets a pickled copy: it reopens the
         # memory-mapped cache rather than receiving the whole corpus through a pipe.
-        return {**self.__dict__, "_train": None, "_heldout": None, "_counts": None}
+        return {**self.__dict__, "_train": None, "_heldout": None, "_counts": None, "_train_stream": None}
 
     # --- the generator protocol -------------------------------------------------------------------
 
     def __call__(self, rng: np.random.Generator, batch: int) -> np.ndarray:
+        if self.windows == "random":
+            if self._train_stream is None:  # one copy per process, made on first use
+                self._train_stream = stream_of(self.train_rows)
+            offsets = rng.integers(0, len(self._train_stream) - self.seq_len + 2, size=batch)
+            return windows_at(self._train_stream, offsets, self.seq_len)
         train = self.train_rows
         rows = rng.integers(0, len(train), size=batch)
         return np.asarray(train[rows], dtype=np.int64)  # [batch, seq_len]
@@ -115,16 +138,14 @@ class TextData:
         stream. Random offsets put every held-out token at every position alike, so a model without
         in-context learning has the same expected loss early and late in the window: the ICL score
         of a fixed evaluation set carries no offset set by which text sits at which position."""
-        stream = self.heldout_rows[:, 1:].reshape(-1)  # the rows' leading BOS dropped; documents keep theirs
+        stream = stream_of(self.heldout_rows)
         body = self.seq_len - 1
         starts = len(stream) - body + 1
         if n > starts:
             raise ConfigError(f"data.eval_size={n}: the held-out split has only {len(stream)} tokens, too few "
                               f"for {n} distinct windows of {body}; lower data.eval_size or raise "
                               "data.heldout_fraction")
-        offsets = np.sort(rng.choice(starts, size=n, replace=False))
-        windows = np.asarray(stream, dtype=np.int64)[offsets[:, None] + np.arange(body)]  # [n, seq_len - 1]
-        return np.concatenate([np.full((n, 1), BOS, dtype=np.int64), windows], axis=1)  # [n, seq_len]
+        return windows_at(stream, np.sort(rng.choice(starts, size=n, replace=False)), self.seq_len)
 
     def unigram(self) -> np.ndarray:
         """Token frequencies in the training split over the full vocabulary (`d_vocab`); BOS gets 0."""
