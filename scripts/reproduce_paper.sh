@@ -5,14 +5,30 @@
 #
 #   scripts/reproduce_paper.sh                     # into runs/paper/<date>_<time>/ (13 min on a 2-core CPU)
 #   scripts/reproduce_paper.sh OUT_DIR [OVERRIDES]  # e.g. OUT_DIR trainer=gpu logger=none
+#   scripts/reproduce_paper.sh --text [OUT_DIR [OVERRIDES]]  # the same from real text: olsson_text_1l,
+#       olsson_text, olsson_text_3l and olsson_text_smeared, ablations of the 2-layer run's checkpoints
 #
 # Extra arguments are Hydra overrides passed to every training run. Figures: OUT_DIR/figures/index.html.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
+TEXT=0
+if [ "${1:-}" = "--text" ]; then TEXT=1; shift; fi
 OUT=${1:-runs/paper/$(date +%Y-%m-%d_%H-%M-%S)}
 shift || true
 status=0
+
+if [ $TEXT = 1 ]; then
+  for name in olsson_text_1l olsson_text olsson_text_3l olsson_text_smeared; do
+    "$PY" -m train experiment=$name "hydra.run.dir=$OUT/text/$name" trainer.enable_progress_bar=false "$@" || status=1
+  done
+  if [ -f "$OUT/text/olsson_text/summary.json" ]; then
+    "$PY" -m analysis ablate "$OUT/text/olsson_text" --method zero --checkpoints all || status=1
+  fi
+  "$PY" -m analysis figures "$OUT/text" --out "$OUT/figures" || status=1
+  echo "figures: $OUT/figures/index.html"
+  exit $status
+fi
 
 sweep() {  # sweep NAME OVERRIDES...: one Hydra multirun, its jobs under $OUT/NAME/
   local name=$1

@@ -55,6 +55,8 @@ CONFIG_CASES = {
     "span min > max": (["data.span_len_min=30", "data.span_len_max=20"], "data.span_len_min=30: must be between 1 and"),
     "zero concentration": (["data.concentration=0"], "data.concentration=0.0: must be positive"),
     "zero rep_len": (["data=repeated_tokens", "data.rep_len=0"], "data.rep_len=0: must be between 1"),
+    "unknown text windows": (["data=text_stdlib", "data.windows=sliding"], "data.windows=sliding: expected packed or random"),
+    "negative embed_std": (["model.embed_std=-1"], "model.embed_std=-1.0: must be positive"),
     # zero or negative rates and steps
     "zero lr": (["optim.lr=0"], "optim.lr=0.0: must be positive"),
     "negative lr": (["optim.lr=-1e-3"], "optim.lr=-0.001: must be positive"),

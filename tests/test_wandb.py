@@ -28,3 +28,23 @@ def test_csv_logger_works_without_wandb(tmp_path):
     assert not (run / "wandb").exists()
     metrics = (run / "csv" / "metrics.csv").read_text().splitlines()
     assert "prefix_matching/L1H0" in metrics[0]
+
+
+def test_a_run_prints_only_its_bar_and_report(tmp_path):
+    """The console of a default run (W&B offline, the progress bar on): the harness's bar and report,
+    no library notices, tips, deprecations or extra bars; Lightning's notices stay in train.log."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    run = tmp_path / "quiet"
+    proc = subprocess.run([sys.executable, "-m", "train", f"hydra.run.dir={run}", "trainer.max_steps=5"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = proc.stdout + proc.stderr
+    before_report = out.split("Run finished")[0]
+    bars = [line for line in before_report.replace("\r", "\n").splitlines() if line.strip()]
+    assert bars and all(line.startswith("train:") for line in bars), bars[:5]
+    assert "Run finished: 5 steps" in proc.stdout
+    assert "GPU available" in (run / "train.log").read_text()

@@ -306,6 +306,8 @@ def validate(cfg: DictConfig) -> None:
         _require(m.positional in (Positional.shortformer, Positional.rotary), "model.position_layers",
                  m.position_layers, f"applies to shortformer and rotary positions, not {m.positional.value}")
         _require(m.position_layers >= 1, "model.position_layers", m.position_layers, "must be at least 1")
+    for key in ("init_std", "embed_std"):
+        _require(m[key] is None or m[key] > 0, f"model.{key}", m[key], "must be positive (or null: the default)")
     _require(m.d_mlp >= 0, "model.d_mlp", m.d_mlp, "must be 0 (attention-only) or positive")
     _require(m.d_vocab >= 3, "model.d_vocab", m.d_vocab, "must be at least 3 (BOS and two tokens)")
     _require(m.n_ctx >= 8, "model.n_ctx", m.n_ctx, "must be at least 8 for the probes to mean anything")

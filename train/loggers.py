@@ -45,7 +45,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         run_id = read_json(id_file)["id"] if id_file.exists() else None
         group, name, tags = job_identity(cfg, run_dir)
         def make(mode: str) -> WandbLogger:
-            return WandbLogger(
+            logger = WandbLogger(
                 project=w.project, entity=w.entity, group=group, name=name, tags=tags, save_dir=str(run_dir),
                 id=run_id, resume="allow" if run_id else None,
                 # `mode` goes straight to wandb.init: Lightning's `offline=True` would set WANDB_MODE for
@@ -53,6 +53,9 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
                 mode=mode, config=OmegaConf.to_container(cfg, resolve=True),
                 settings=wandb.Settings(init_timeout=w.init_timeout, silent=True),
             )
+            # Lightning always passes `anonymous` (None when unset); wandb warns about any value of it.
+            logger._wandb_init.pop("anonymous", None)
+            return logger
 
         logger = make(w.mode)
         if w.mode == "online" and rank_zero_only.rank == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,13 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     # every epoch): one worker makes a batch faster than a step trains on it, and there is one epoch.
     warnings.filterwarnings("ignore", message=".*does not have many workers", category=PossibleUserWarning)
     warnings.filterwarnings("ignore", message="Consider setting `persistent_workers=True`")
+    # Lightning's notices (accelerators found, tips, "max_steps reached") stay in train.log; its console
+    # handler shows warnings and errors only, so a run's console is the bar and the report.
+    for handler in logging.getLogger("lightning").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.WARNING)
+    # Lightning's own deprecation inside its loop, about a torch API it calls, not ours.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
     loggers = build_loggers(cfg, run_dir)
     trainer = L.Trainer(
         **OmegaConf.to_container(cfg.trainer),

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -12,11 +15,15 @@ class StepProgressBar(TQDMProgressBar):
     def __init__(self, refresh_rate: int = 10):
         super().__init__(refresh_rate=refresh_rate)
 
+    def init_train_tqdm(self) -> Tqdm:
+        # One bar, drawn first with its final label and length: Lightning's own draws "Training" and
+        # then "Epoch 0" bars before any step, which show up as empty bars in a log or a pipe.
+        return Tqdm(desc="train", total=self.trainer.max_steps, initial=self.trainer.global_step,
+                    position=2 * self.process_position, disable=self.is_disabled, leave=True,
+                    dynamic_ncols=True, file=sys.stdout, smoothing=0, bar_format=self.BAR_FORMAT)
+
     def on_train_epoch_start(self, trainer, *args) -> None:
-        super().on_train_epoch_start(trainer, *args)
-        self.train_progress_bar.set_description("train")
-        self.train_progress_bar.reset(total=trainer.max_steps)
-        self.train_progress_bar.update(trainer.global_step)  # a resumed run starts part-way
+        pass  # the bar counts steps over the single endless epoch: nothing to reset
 
     def get_metrics(self, trainer, module):
         metrics = super().get_metrics(trainer, module)
