@@ -170,3 +170,17 @@ def test_embed_std_sets_the_embeddings_init_only():
     assert abs(model.W_E.std().item() - 1.0) < 0.02 and abs(model.W_pos.std().item() - 1.0) < 0.02
     assert abs(model.blocks[0].attn.W_Q.std().item() - default) < 0.01
     assert abs(make(d_model=64, d_vocab=400, n_ctx=200).W_E.std().item() - default) < 0.01
+
+
+def test_lr_schedule_warm_up_then_constant_cosine_or_linear_to_the_min_ratio():
+    from train.module import lr_lambda
+
+    warm = lr_lambda("constant", warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
+    assert [warm(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    cosine = lr_lambda("cosine", warmup_steps=4, total_steps=20, min_lr_ratio=0.1)
+    assert cosine(4) == pytest.approx(1.0) and cosine(12) == pytest.approx(0.55)  # half-way: the mean
+    assert cosine(20) == pytest.approx(0.1) and cosine(100) == pytest.approx(0.1)  # stays at the floor
+    linear = lr_lambda("linear", warmup_steps=0, total_steps=10, min_lr_ratio=0.0)
+    assert [linear(s) for s in (0, 5, 10, 11)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
+    with pytest.raises(ValueError, match="optim.schedule='step'"):
+        lr_lambda("step", 0, 10, 0.1)(3)

@@ -316,12 +316,13 @@ def test_text_configs_compose(compose_cfg):
         assert cfg.data._target_ == "train.data.text.TextData"
     for name, layers, smeared, position_layers in (
             ("olsson_text", 2, False, 1), ("olsson_text_1l", 1, False, 1),
-            ("olsson_text_3l", 3, False, None), ("olsson_text_smeared", 1, True, None)):
+            ("olsson_text_3l", 3, False, 1), ("olsson_text_smeared", 1, True, 1)):
         cfg = compose_cfg(f"experiment={name}")
         validate(cfg)
         assert (cfg.model.n_layers, cfg.model.smeared_key, cfg.data.source) == (layers, smeared, "stdlib")
         assert cfg.model.position_layers == position_layers
         assert cfg.model.d_vocab == cfg.data.d_vocab
+        assert (cfg.model.n_heads, cfg.model.n_ctx, cfg.data.windows, cfg.phase.min_step) == (2, 256, "random", 0)
 
 
 # --- end to end -----------------------------------------------------------------------------------
