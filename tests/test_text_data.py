@@ -322,7 +322,7 @@ def test_text_configs_compose(compose_cfg):
         assert (cfg.model.n_layers, cfg.model.smeared_key, cfg.data.source) == (layers, smeared, "stdlib")
         assert cfg.model.position_layers == position_layers
         assert cfg.model.d_vocab == cfg.data.d_vocab
-        assert (cfg.model.n_heads, cfg.model.n_ctx, cfg.data.windows, cfg.phase.min_step) == (2, 256, "random", 100)
+        assert (cfg.model.n_heads, cfg.model.n_ctx, cfg.data.windows, cfg.phase.min_step) == (2, 256, "random", 0)
 
 
 # --- end to end -----------------------------------------------------------------------------------

@@ -219,10 +219,10 @@ class ProbesConfig:
 class PhaseConfig:
     smooth: float = 0.15  # Gaussian smoothing width of the ICL curve, in natural-log tokens
     threshold: float = 0.25  # the window is where dICL/dlog(tokens) is below this share of its peak
-    min_drop: float = 0.05  # nats; a smaller ICL improvement across the window is no phase change
-    # Search from this step on: by default past the learning-rate warm-up, where every model's first
-    # in-context token-frequency gain can look like a window of its own.
-    min_step: int = II("optim.warmup_steps")
+    # nats; a smaller ICL improvement across the window is no phase change. Above the few hundredths
+    # every model, the 1-layer control too, gains from in-context token frequencies in its first steps.
+    min_drop: float = 0.1
+    min_step: int = 0  # search from this step on
 
 
 @dataclass
