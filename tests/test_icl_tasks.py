@@ -361,9 +361,8 @@ def final_and_first(run_dir, key):
 @pytest.mark.slow
 def test_random_copies_two_layers_learn_to_copy_one_layer_does_not(tmp_path):
     common = ("experiment=random_copies", "logger=none", "trainer.max_steps=800", "checkpoint.enabled=false")
-    env = {"OMP_NUM_THREADS": "1"}
     for layers, run_dir in ((2, tmp_path / "l2"), (1, tmp_path / "l1")):
-        proc = run_train(*common, f"model.n_layers={layers}", run_dir=run_dir, timeout=900, env=env)
+        proc = run_train(*common, f"model.n_layers={layers}", run_dir=run_dir, timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
     first, last2 = final_and_first(tmp_path / "l2", "task/copy_accuracy")
     _, last1 = final_and_first(tmp_path / "l1", "task/copy_accuracy")

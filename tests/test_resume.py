@@ -94,7 +94,7 @@ def test_resume_in_another_environment_warns_in_one_line(tmp_path):
     run = tmp_path / "run"
     assert run_train(*SHORT, "trainer.max_steps=4", run_dir=run).returncode == 0
     threads = torch.get_num_threads()
-    other = 1 if threads > 1 else 2
+    other = 1 if threads > 1 else 2  # the one test that sets threads: a changed environment is its subject
     proc = run_train(*SHORT, "trainer.max_steps=8", f"resume={run}", run_dir=run,
                      env={"OMP_NUM_THREADS": str(other)})
     assert proc.returncode == 0, proc.stderr[-2000:]
