@@ -32,8 +32,8 @@ def build_model(cfg: DictConfig) -> AttentionOnlyTransformer:
     spec = ModelSpec(
         n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, d_head=d_head(cfg), n_ctx=m.n_ctx,
         d_vocab=m.d_vocab, positional=m.positional.value, layernorm=m.layernorm.value,
-        d_mlp=m.d_mlp, smeared_key=m.smeared_key, init_std=m.init_std, embed_std=m.embed_std, freeze_embedding=m.freeze_embedding,
-        position_layers=m.position_layers,
+        d_mlp=m.d_mlp, smeared_key=m.smeared_key, init_std=m.init_std, embed_std=m.embed_std,
+        freeze_embedding=m.freeze_embedding, position_layers=m.position_layers,
     )
     return AttentionOnlyTransformer(spec)
 

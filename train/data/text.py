@@ -102,8 +102,6 @@ class TextData:
     def __init__(self, d_vocab: int, seq_len: int, tokenizer: str = "bpe", heldout_fraction: float = 0.05,
                  split_seed: int = 0, cache_dir: Optional[str] = None, bpe_min_frequency: int = 2,
                  windows: str = "packed", **corpus):
-        if windows not in ("packed", "random"):
-            raise ConfigError(f"data.windows={windows}: expected packed or random")
         self.d_vocab, self.seq_len, self.kind, self.windows = d_vocab, seq_len, tokenizer, windows
         self.heldout_fraction, self.split_seed, self.bpe_min_frequency = heldout_fraction, split_seed, bpe_min_frequency
         self.cache_root = Path(os.path.expanduser(cache_dir or os.environ.get("INDUCTION_HARNESS_CACHE") or DEFAULT_CACHE))
