@@ -1,5 +1,5 @@
 # `make train` and `make test` set everything up on a fresh machine, then run.
-# Override the torch build with e.g. `make test TORCH_SPEC="torch==2.5.1"` (CUDA wheels: see README).
+# Override the torch build with e.g. `make test TORCH_SPEC="torch==2.5.1"` (CUDA wheels: docs/configuration.md).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0

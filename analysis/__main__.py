@@ -37,9 +37,9 @@ def build_parser() -> Parser:
 
 def user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input, not a bug: printed as one line, no traceback."""
-    from train.load import RunError
+    from train.errors import RunError
 
-    from .export_tl import ExportError
+    from .transformerlens import ExportError
     from .runs import AnalysisError
 
     return (AnalysisError, RunError, ExportError)

@@ -13,7 +13,7 @@ from torch import Tensor
 from train import probes
 from train.model import AttentionOnlyTransformer
 
-from .ablation import Head, ablate, mean_z
+from .head_ablation import Head, ablate, mean_z
 from .runs import Run
 
 
@@ -32,7 +32,7 @@ class Evaluator:
     def __init__(self, run: Run, model: AttentionOnlyTransformer, method: str = "zero"):
         self.run, self.model, self.method = run, model, method
         self.late, self.early = run.icl_positions
-        # Mean ablation: z averaged over the run's reference set, per position (see analysis.ablation).
+        # Mean ablation: z averaged over the run's reference set, per position (see analysis.head_ablation).
         self.means = mean_z(model, run.reference_tokens) if method == "mean" else None
 
     def __call__(self, heads: Iterable[Head] = ()) -> dict:

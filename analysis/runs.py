@@ -1,25 +1,22 @@
 """A finished run as the analysis commands see it: config, checkpoints, summary, fixed token sets.
 
-Everything is read from the run directory (the public contract in the README); errors are
-`AnalysisError`s whose one-line message names the file, which `python -m analysis` prints as
+Everything is read from the run directory (docs/run-directory.md) through `train.load.RunDir`; errors
+are `AnalysisError`s whose one-line message names the file, which `python -m analysis` prints as
 `error: ...` with exit code 2.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig
 
 from train import probes
 from train.build import build_datamodule, build_generator, probe_tokens
 from train.data.synthetic import batch_rng
-from train.load import RunError, checkpoints, load_config, load_model
-from train.model import AttentionOnlyTransformer
-from train.rundir import SUMMARY, read_json, read_table
+from train.errors import RunError
+from train.load import RunDir
 
 ANALYSIS = "analysis"  # results go to RUN_DIR/analysis/
 
@@ -28,34 +25,13 @@ class AnalysisError(ValueError):
     """Bad input to an analysis command; the message names the file or argument."""
 
 
-@dataclass
-class Run:
-    path: Path
-    cfg: DictConfig
-    _models: dict = field(default_factory=dict, repr=False)
+class Run(RunDir):
+    """A run directory with what the analysis commands derive from it: its fixed token sets rebuilt
+    from their seeds, and the selections of checkpoints and heads that commands take."""
 
     @property
     def out_dir(self) -> Path:
         return self.path / ANALYSIS
-
-    @cached_property
-    def checkpoints(self) -> list[dict]:
-        """Index entries `{"step", "tokens", "file", "path"}`, oldest first."""
-        entries = checkpoints(self.path)
-        if not entries:
-            raise AnalysisError(f"{self.path / 'checkpoints/index.json'}: lists no checkpoint")
-        return entries
-
-    @cached_property
-    def summary(self) -> dict | None:
-        path = self.path / SUMMARY
-        return read_json(path) if path.exists() else None
-
-    def model(self, entry: dict) -> AttentionOnlyTransformer:
-        """The model of a checkpoint entry, in eval mode (cached)."""
-        if entry["step"] not in self._models:
-            self._models[entry["step"]] = load_model(entry["path"], self.cfg)
-        return self._models[entry["step"]]
 
     @cached_property
     def generator(self):
@@ -105,7 +81,7 @@ class Run:
                 raise AnalysisError(f"--checkpoints {spec}: expected all, last or steps like 0,100,1000") from None
             if step not in by_step:
                 have = ", ".join(str(s) for s in by_step)
-                raise AnalysisError(f"{self.path / 'checkpoints/index.json'}: no checkpoint at step {step} (have {have})")
+                raise AnalysisError(f"{self.file('index')}: no checkpoint at step {step} (have {have})")
             chosen.append(by_step[step])
         return chosen
 
@@ -116,10 +92,10 @@ class Run:
             return [(layer, head) for layer in range(n_layers) for head in range(n_heads)]
         if spec == "induction":
             if self.summary is None:
-                raise AnalysisError(f"{self.path / SUMMARY}: not found (has the run finished?)")
+                raise AnalysisError(f"{self.file('summary')}: not found (has the run finished?)")
             heads = [(h["layer"], h["head"]) for h in self.summary["induction_heads"]]
             if not heads:
-                raise AnalysisError(f"{self.path / SUMMARY}: names no induction head")
+                raise AnalysisError(f"{self.file('summary')}: names no induction head")
             return heads
         heads = []
         for part in spec.split(","):
@@ -134,21 +110,10 @@ class Run:
 
     def heads_table(self):
         """`metrics/heads.parquet` (per-step, per-head scores) as a pyarrow Table."""
-        table = read_table(self.path, "heads")
+        table = self.table("heads")
         if table is None or table.num_rows == 0:
-            raise AnalysisError(f"{self.path / 'metrics/heads.parquet'}: not found or empty (probes disabled?)")
+            raise AnalysisError(f"{self.file('heads')}: not found or empty (probes disabled?)")
         return table
-
-    def stored_token_losses(self, step: int) -> torch.Tensor | None:
-        """Per-token losses `[eval_size, n_ctx - 1]` of the evaluation set stored at `step`, if any."""
-        table = read_table(self.path, "eval_token_losses")
-        if table is None:
-            return None
-        rows = [i for i, s in enumerate(table["step"].to_pylist()) if s == step]
-        if not rows:
-            return None
-        flat = torch.tensor(table["token_losses"][rows[-1]].as_py(), dtype=torch.float32)
-        return flat.view(self.cfg.data.eval_size, self.cfg.model.n_ctx - 1)
 
 
 def open_run(path: str | Path) -> Run:
@@ -157,6 +122,8 @@ def open_run(path: str | Path) -> Run:
     if not path.is_dir():
         raise AnalysisError(f"{path}: no such run directory")
     try:
-        return Run(path, load_config(path))
+        run = Run(path)
+        run.cfg  # noqa: B018 (read now: a directory without a config is no run)
+        return run
     except RunError as e:
         raise AnalysisError(str(e)) from None

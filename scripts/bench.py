@@ -55,7 +55,8 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from train import probes  # noqa: E402
 from train.build import build_datamodule, build_generator, build_model, probe_tokens  # noqa: E402
-from train.callbacks.measure import eval_due  # noqa: E402
+from train.head_scores import Heads  # noqa: E402
+from train.measurements import Cadence, Measurements  # noqa: E402
 from train.config import register  # noqa: E402
 from train.data.synthetic import batch_rng  # noqa: E402
 from train.module import InductionLM  # noqa: E402
@@ -168,7 +169,7 @@ def lens_model(cfg, ours, device):
     """Our model as a TransformerLens HookedTransformer with the same weights."""
     from transformer_lens import HookedTransformer, HookedTransformerConfig
 
-    s = ours.spec
+    s = ours.config
     lens = HookedTransformer(HookedTransformerConfig(
         n_layers=s.n_layers, d_model=s.d_model, d_head=s.d_head, n_heads=s.n_heads, n_ctx=s.n_ctx,
         d_vocab=s.d_vocab, attn_only=True, positional_embedding_type="shortformer", normalization_type="LN",
@@ -194,27 +195,26 @@ def run_lens(cfg, device, clock) -> dict:
     eval_tokens = build_datamodule(cfg, generator).eval_tokens().to(device)
     with torch.no_grad():  # the same function as ours, to float precision
         logit_diff = (lens(eval_tokens[:8]) - ours(eval_tokens[:8])).abs().max().item()
-    score_weights = torch.stack([probes.previous_token_weights(*probe.shape, device),
-                                 probes.prefix_matching_weights(probe)])  # once, as `Measure` does
-    p, n_layers = OmegaConf.to_object(cfg.probes), cfg.model.n_layers  # a dataclass: cheap to read per step
-    late, early = probes.icl_positions(cfg.model.n_ctx, p.icl_late, p.icl_early, p.icl_span)
+    measurements = Measurements.of(cfg.probes, cfg.model.n_ctx, probe, eval_tokens)  # the harness's own
+    cadence, flush_every, n_layers = Cadence.of(cfg.probes), cfg.probes.flush_every_n_steps, cfg.model.n_layers
+    late, early = measurements.late, measurements.early
     pending: list[torch.Tensor] = []
     only_patterns = lambda name: name.endswith("hook_pattern")  # noqa: E731
 
     @torch.no_grad()
     def measure(step: int, token_losses: torch.Tensor) -> None:
-        """What `Measure` records at a step, computed from `run_with_cache`."""
+        """What `Measure` records at a step, with patterns and logits from `run_with_cache`."""
         pending.append(torch.stack([token_losses.mean(), probes.icl_score(token_losses.mean(0), late, early)]))
-        if p.enabled and step % p.every_n_steps == 0:
+        due = cadence.at(step)
+        if due.scores:
             logits, cache = lens.run_with_cache(probe, names_filter=only_patterns)
             patterns = [cache[f"blocks.{layer}.attn.hook_pattern"] for layer in range(n_layers)]
-            pending.append(probes.weighted_attention(torch.stack(patterns, 1).flatten(1, 2), score_weights).flatten())
-            pending.append(probes.induction_loss(probes.per_token_loss(logits, probe), p.rep_len)[None])
-        if p.enabled and eval_due(step, p.eval_every_n_steps):
-            losses = probes.per_token_loss(lens(eval_tokens), eval_tokens)
-            pending.append(torch.stack([losses.mean(), probes.icl_score(losses, late, early)]))
-        if step % p.flush_every_n_steps == 0:
-            torch.cat([x.float() for x in pending]).cpu()  # one host transfer, as `Measure.flush`
+            heads = Heads(None, probe, measurements.score_weights, logits, patterns)
+            pending.extend(v.reshape(-1) for v in measurements.probe_scores(heads).values())
+        if due.evaluate:
+            pending.extend(v.reshape(-1) for v in measurements.eval_values(probes.per_token_loss(lens(eval_tokens), eval_tokens)).values())
+        if step % flush_every == 0:
+            torch.cat([x.float() for x in pending]).cpu()  # one host transfer, as the sink does
             pending.clear()
 
     train_loop(torch.compile(lens) if cfg.compile else lens, cfg, device, clock, after_step=measure)

@@ -1,4 +1,4 @@
-"""Ablations (analysis/ablation.py): known answers on small random models, the pattern-preserving
+"""Ablations (analysis/head_ablation.py): known answers on small random models, the pattern-preserving
 equivalence of Olsson et al. (2022), and the effect of ablating a trained run's induction heads."""
 
 import subprocess
@@ -9,10 +9,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from analysis.ablation import ablate, clean_patterns, mean_z, record_z
+from analysis.head_ablation import ablate, clean_patterns, mean_z, record_z
 from analysis.effects import Evaluator
 from analysis.runs import open_run
-from train.model import AttentionOnlyTransformer, ModelSpec
+from train.model import AttentionOnlyTransformer, ModelConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def small_model(**kw) -> AttentionOnlyTransformer:
     torch.manual_seed(0)
     spec = dict(n_layers=3, n_heads=3, d_model=24, d_head=8, n_ctx=16, d_vocab=13, layernorm="none")
-    model = AttentionOnlyTransformer(ModelSpec(**{**spec, **kw})).eval()
+    model = AttentionOnlyTransformer(ModelConfig(**{**spec, **kw})).eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))  # non-zero biases too
@@ -40,7 +40,7 @@ def test_pattern_preserving_ablation_removes_the_heads_value_paths(layer, head):
     clean = model(x)
     patterns, zs = clean_patterns(model, x), record_z(model, x)
     delta = -zs[layer][:, head] @ model.blocks[layer].attn.W_O[head]  # [batch, pos, d_model]
-    for later in range(layer + 1, model.spec.n_layers):
+    for later in range(layer + 1, model.config.n_layers):
         attn = model.blocks[later].attn
         v = torch.einsum("btm,hmd->bhtd", delta, attn.W_V)  # biases cancel in a difference
         delta = delta + torch.einsum("bhtd,hdm->btm", patterns[later] @ v, attn.W_O)

@@ -14,10 +14,51 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import run_train
+from tests.conftest import ROOT, run_train
 from train.__main__ import one_line
 from train.config import validate
 from train.load import read_checkpoint
+
+# Keys that each had no case before: every override but the last makes a valid config (checked by
+# test_one_key_cases_fail_only_for_their_key), the last breaks one `_require` check of the key it names.
+ONE_KEY_CASES = {
+    # the data options' own keys (train/config.py validate_icl_task, and validate for spans)
+    "n_states below 2": (["data=icl_markov", "probes.rep_len=3", "data.n_states=1"],
+                         "data.n_states=1: must be at least 2"),
+    "negative Dirichlet alpha": (["data=icl_markov", "probes.rep_len=3", "data.alpha=-1"],
+                                 "data.alpha=-1.0: must be positive"),
+    "zero triggers": (["data=bigram_triggers", "data.n_triggers=0"],
+                      "data.n_triggers=0: must be between 1 and data.d_vocab - 2 = 62"),
+    "zero pairs": (["data=icl_classification", "data.n_pairs=0"], "data.n_pairs=0: must be at least 1"),
+    "pairs longer than the context": (["data=icl_classification", "data.n_pairs=32"],
+                                      "data.n_pairs=32: needs 2 * n_pairs + 3 = 67 tokens"),
+    "zero burstiness": (["data=icl_classification", "data.burstiness=0"],
+                        "data.burstiness=0: must divide data.n_pairs=8"),
+    "burstiness not dividing pairs": (["data=icl_classification", "data.burstiness=3"],
+                                      "data.burstiness=3: must divide data.n_pairs=8"),
+    "labels fewer than context classes": (["data=icl_classification", "data.n_labels=3"],
+                                          "data.n_labels=3: must be at least n_pairs / burstiness + 2 = 4"),
+    "classes all in the context": (["data=icl_classification", "data.n_classes=2"],
+                                   "data.n_classes=2: must exceed n_pairs / burstiness = 2"),
+    "zero items per class": (["data=icl_classification", "data.items_per_class=0"],
+                             "data.items_per_class=0: must be at least 1"),
+    "novel classes fewer than context classes": (["data=icl_classification", "data.n_novel_classes=1"],
+                                                 "data.n_novel_classes=1: must be at least n_pairs / burstiness = 2"),
+    "negative zipf exponent": (["data=icl_classification", "data.zipf_alpha=-1"],
+                               "data.zipf_alpha=-1.0: must be 0 or more"),
+    "p_bursty above 1": (["data=icl_classification", "data.p_bursty=1.5"], "data.p_bursty=1.5: must be in [0, 1]"),
+    "negative noise": (["data=icl_classification", "data.noise=-0.1"], "data.noise=-0.1: must be in [0, 1]"),
+    "p_relabel above 1": (["data=icl_classification", "data.p_relabel=2"], "data.p_relabel=2.0: must be in [0, 1]"),
+    "negative spans per sequence": (["data.spans_per_seq=-1"], "data.spans_per_seq=-1: must be 0 or more"),
+    "negative random-copies spans": (["data=random_copies", "data.spans_per_seq=-1"],
+                                     "data.spans_per_seq=-1: must be 0 or more"),
+    # probes and model keys checked in loops
+    "zero evaluation interval": (["probes.eval_every_n_steps=0"], "probes.eval_every_n_steps=0: must be at least 1"),
+    "zero probe sequences": (["probes.n_sequences=0"], "probes.n_sequences=0: must be at least 1"),
+    "zero task batch": (["probes.task_size=0"], "probes.task_size=0: must be at least 1"),
+    "negative heatmap interval": (["probes.heatmap_every_n_steps=-1"], "probes.heatmap_every_n_steps=-1: must be 0"),
+    "zero init_std": (["model.init_std=0"], "model.init_std=0.0: must be positive"),
+}
 
 # (overrides, the start of the error line after "error: ")
 CONFIG_CASES = {
@@ -47,6 +88,7 @@ CONFIG_CASES = {
     # n_ctx smaller than the probes need
     "context shorter than probes": (["model.n_ctx=32"], "probes.rep_len=20: needs a context of 1 + 2 * rep_len = 41 tokens; model.n_ctx=32"),
     "ICL positions reversed": (["probes.icl_early=10", "probes.icl_late=5"], "probes.icl_late/icl_early/icl_span: "),
+    "probe repeats too short": (["probes.rep_len=2"], "probes.rep_len=2: must be at least 3"),
     "probe longer than vocab": (["data.d_vocab=16", "probes.rep_len=20", "model.n_ctx=64"], "probes.rep_len=20: needs that many distinct tokens"),
     # data sizes
     "zero batch": (["data.batch_size=0"], "data.batch_size=0: must be at least 1"),
@@ -78,6 +120,7 @@ CONFIG_CASES = {
     "negative checkpoint interval": (["checkpoint.every_n_steps=-1"], "checkpoint.every_n_steps=-1: must be 0"),
     "unknown W&B mode": (["logger.wandb.mode=sometimes"], "logger.wandb.mode=sometimes: expected offline"),
     "zero W&B timeout": (["logger.wandb.init_timeout=0"], "logger.wandb.init_timeout=0.0: must be positive"),
+    **ONE_KEY_CASES,
 }
 
 
@@ -95,6 +138,54 @@ def test_bad_config_is_one_line_naming_the_key(compose_cfg, overrides, expected)
     message = config_error(compose_cfg, overrides)
     assert message.startswith(expected), message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize("overrides", [c[0] for c in ONE_KEY_CASES.values()], ids=ONE_KEY_CASES.keys())
+def test_one_key_cases_fail_only_for_their_key(compose_cfg, overrides):
+    """Without its last override a case's config is valid: the error is that key's own check."""
+    validate(compose_cfg(*overrides[:-1]))
+
+
+def required_keys(path, prefix: str = "") -> set[str]:
+    """The key named by every `_require(ok, KEY, ...)` call in a source file: a string, an f-string or a
+    name bound by an enclosing `for NAME in (constants)` loop, each expanded over the loop's values."""
+    import ast
+
+    def expand(arg, loops):
+        if isinstance(arg, ast.Constant):
+            return [arg.value]
+        if isinstance(arg, ast.Name):
+            return loops[arg.id]
+        if isinstance(arg, ast.JoinedStr):
+            out = [""]
+            for part in arg.values:
+                values = [part.value] if isinstance(part, ast.Constant) else loops[part.value.id]
+                out = [o + str(v) for o in out for v in values]
+            return out
+        raise AssertionError(f"{path}: cannot read the key of _require(..., {ast.unparse(arg)}, ...)")
+
+    keys: set[str] = set()
+
+    def visit(node, loops):
+        if isinstance(node, ast.For) and isinstance(node.target, ast.Name) and isinstance(node.iter, ast.Tuple):
+            loops = {**loops, node.target.id: [e.value for e in node.iter.elts]}
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_require":
+            keys.update(prefix + key for key in expand(node.args[1], loops))
+        for child in ast.iter_child_nodes(node):
+            visit(child, loops)
+
+    visit(ast.parse(path.read_text()), {})
+    return keys
+
+
+def test_every_checked_key_has_a_bad_input_case():
+    """Every key that `validate` (train/config.py) or the model config (train/model_config.py) checks
+    with `_require` has a case above whose expected line starts with `key=`."""
+    keys = required_keys(ROOT / "train" / "config.py") | required_keys(ROOT / "train" / "model_config.py", "model.")
+    # The parser sees literal keys, f-string keys and loop-variable keys.
+    assert {"data.batch_size", "probes.task_size", "data.p_relabel", "model.n_layers", "model.init_std"} <= keys
+    covered = {expected.split("=", 1)[0] for _, expected in CONFIG_CASES.values()}
+    assert sorted(keys - covered) == []
 
 
 # --- data and resume: checked in-process through `run`, before any training ---------------------
@@ -200,7 +291,8 @@ def test_a_new_run_refuses_a_directory_holding_a_run(compose_cfg, trained_run, t
 
 
 def test_load_model_refuses_a_foreign_checkpoint(tmp_path):
-    from train.load import RunError, load_model
+    from train.errors import RunError
+    from train.load import load_model
 
     path = tmp_path / "other.ckpt"
     foreign(path)
@@ -223,7 +315,7 @@ class InfGrad(torch.autograd.Function):
 
 
 def test_non_finite_gradients_stop_the_run_and_keep_good_checkpoints(compose_cfg, tmp_path, monkeypatch):
-    from train.callbacks.measure import NonFiniteLoss
+    from train.errors import NonFiniteLoss
     from train.module import InductionLM
     from train.run import run
 
@@ -303,8 +395,3 @@ def test_cli_error_is_one_line_nonzero_and_leaves_nothing(tmp_path, overrides, c
 def test_full_error_shows_the_traceback(tmp_path):
     proc = run_train("model.n_layer=2", run_dir=tmp_path / "run", env={"HYDRA_FULL_ERROR": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr and "n_layer" in proc.stderr
-
-
-def test_catalogue_size():
-    """The issue asks for at least 25 distinct bad inputs, each tested."""
-    assert len(CONFIG_CASES) + len(RESUME_CASES) + 2 + 1 >= 25  # + data files, + unwritable run directory

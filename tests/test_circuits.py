@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from train import probes
-from train.circuits import costly_head_scores
+from train.head_scores import costly_head_scores
 from train.data.synthetic import RepeatedTokens, batch_rng
-from train.model import AttentionOnlyTransformer, ModelSpec
+from train.model import AttentionOnlyTransformer, ModelConfig
 
 V, T, SHARP = 16, 32, 40.0  # vocabulary, context, attention sharpness
 
@@ -23,7 +23,7 @@ def hand_built() -> AttentionOnlyTransformer:
     output subspace, which is all the unembedding reads. Every other head is zero.
     """
     d_model, d_head = 3 * V + T, max(V, T)
-    spec = ModelSpec(n_layers=2, n_heads=2, d_model=d_model, d_head=d_head, n_ctx=T, d_vocab=V,
+    spec = ModelConfig(n_layers=2, n_heads=2, d_model=d_model, d_head=d_head, n_ctx=T, d_vocab=V,
                      positional="shortformer", layernorm="none")
     m = AttentionOnlyTransformer(spec)
     tok, prev, pos, out = 0, V, 2 * V, 2 * V + T
@@ -72,13 +72,12 @@ def test_hand_built_heads_score_as_designed(setup):
 
 def test_measure_scores_every_head_as_the_score_functions_do(setup, tmp_path):
     """The callback's one-op path (stacked weights, every layer at once) against the definitions."""
-    from types import SimpleNamespace
-
-    from train.callbacks.measure import Measure
+    from train.head_scores import Heads
+    from train.measurements import Measurements
 
     model, tokens, logits, patterns = setup
-    cfg = SimpleNamespace(rep_len=10, icl_late=None, icl_early=None, icl_span=2.0)
-    values = Measure(tmp_path, tokens, tokens, cfg, n_ctx=T).probe_scores(model)
+    measurements = Measurements(tokens, tokens, rep_len=10, late=T - 2, early=2)
+    values = measurements.probe_scores(Heads(model, tokens, measurements.score_weights))
     prev = torch.stack([probes.previous_token_score(p) for p in patterns])
     pm = torch.stack([probes.prefix_matching_score(p, tokens) for p in patterns])
     torch.testing.assert_close(values["previous_token"], prev)
@@ -106,7 +105,7 @@ def test_eigen_scores_known_answers():
 def test_agrees_with_transformer_lens(setup):
     tl = pytest.importorskip("transformer_lens")
     model, tokens, logits, patterns = setup
-    s = model.spec
+    s = model.config
     cfg = tl.HookedTransformerConfig(n_layers=s.n_layers, d_model=s.d_model, d_head=s.d_head, n_heads=s.n_heads,
                                      n_ctx=s.n_ctx, d_vocab=s.d_vocab, attn_only=True, normalization_type=None,
                                      positional_embedding_type="shortformer", act_fn="relu")

@@ -1,4 +1,4 @@
-"""TransformerLens export (analysis/export_tl.py): the exported HookedTransformer computes our logits."""
+"""TransformerLens export (analysis/transformerlens.py): the exported HookedTransformer computes our logits."""
 
 import itertools
 
@@ -7,14 +7,14 @@ import torch
 
 pytest.importorskip("transformer_lens")
 
-from analysis.export_tl import ExportError, export, load_hooked_transformer, read_export  # noqa: E402
-from train.model import AttentionOnlyTransformer, ModelSpec  # noqa: E402
+from analysis.transformerlens import ExportError, export, load_hooked_transformer, read_export  # noqa: E402
+from train.model import AttentionOnlyTransformer, ModelConfig  # noqa: E402
 
 
 def random_model(**kw) -> AttentionOnlyTransformer:
     torch.manual_seed(0)
     spec = dict(n_layers=2, n_heads=2, d_model=16, d_head=8, n_ctx=20, d_vocab=11)
-    model = AttentionOnlyTransformer(ModelSpec(**{**spec, **kw})).eval()
+    model = AttentionOnlyTransformer(ModelConfig(**{**spec, **kw})).eval()
     with torch.no_grad():
         for p in model.parameters():  # biases and LayerNorm parameters away from their init
             p.add_(0.1 * torch.randn_like(p))
@@ -82,7 +82,7 @@ def test_export_command_on_the_trained_run(quickstart_run, tmp_path):
     assert main(["export-tl", str(ckpt), str(out)]) == 0
     ours = load_model(ckpt, load_config(quickstart_run))
     tl = load_hooked_transformer(out)
-    x = torch.randint(1, ours.spec.d_vocab, (4, ours.spec.n_ctx), generator=torch.Generator().manual_seed(0))
+    x = torch.randint(1, ours.config.d_vocab, (4, ours.config.n_ctx), generator=torch.Generator().manual_seed(0))
     x[:, 0] = 0  # BOS
     with torch.no_grad():
         assert (ours(x) - tl(x)).abs().max().item() < 1e-4

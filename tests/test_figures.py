@@ -137,7 +137,7 @@ def test_pca_figure_projects_each_models_checkpoints(tmp_path, compose_cfg):
 
 def test_shaded_window_equals_summary(three_runs):
     from analysis.figures.curves import icl_figure
-    from analysis.figures.runs import open_runs
+    from analysis.figures.run_set import open_runs
 
     runs = open_runs(three_runs, log=lambda s: None)
     plot = icl_figure(runs)
@@ -218,7 +218,7 @@ def test_pca_refuses_runs_with_different_evaluation_sets(tmp_path, compose_cfg):
 
 
 def test_labels_come_from_the_config(tmp_path, compose_cfg):
-    from analysis.figures.runs import open_runs
+    from analysis.figures.run_set import open_runs
 
     dirs = [write_run(tmp_path / "a", compose_cfg, n_layers=2, d_mlp=32),
             write_run(tmp_path / "b", compose_cfg, n_layers=1, smeared=True),

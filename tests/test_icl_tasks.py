@@ -11,7 +11,8 @@ import torch
 
 from conftest import run_train
 from train.build import build_generator, build_model, probe_tokens, task_batch
-from train.config import ConfigError, validate
+from train.config import validate
+from train.errors import ConfigError
 from train.data.icl_tasks import BigramTriggers, ICLClassification, ICLMarkov, RandomCopies
 from train.data.synthetic import BOS, batch_rng, copy_spans
 

@@ -1,7 +1,6 @@
 """Measurement in the background equals measurement in line; the metric tables' own behaviour."""
 
 from concurrent.futures import Future
-from types import SimpleNamespace
 
 import pyarrow.parquet as pq
 import pytest
@@ -10,7 +9,9 @@ import torch
 from tests.conftest import run_train
 from tests.test_resume import SHORT, assert_same_run
 from train.callbacks.checkpoint import is_scheduled
-from train.callbacks.measure import Measure, Row, done
+from train.callbacks.measure import Measure
+from train.measurements import Cadence, Measurements
+from train.metrics_sink import MetricsSink, Row, done
 from train.rundir import Table
 
 
@@ -42,8 +43,8 @@ def test_table_rows_with_different_keys_and_resume(tmp_path):
 
 
 def small_measure(tmp_path):
-    cfg = SimpleNamespace(rep_len=3, icl_late=None, icl_early=None, icl_span=2.0, heatmap_every_n_steps=0)
-    return Measure(tmp_path, torch.zeros(2, 8, dtype=torch.long), torch.zeros(2, 8, dtype=torch.long), cfg, n_ctx=8)
+    tokens = torch.zeros(2, 8, dtype=torch.long)
+    return Measure(Measurements(tokens, tokens, rep_len=3, late=6, early=1), MetricsSink(tmp_path), Cadence())
 
 
 def test_a_failed_measurement_is_raised_after_the_rows_before_it_are_written(tmp_path):

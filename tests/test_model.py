@@ -1,16 +1,16 @@
 import pytest
 import torch
 
-from train.model import AttentionOnlyTransformer, ModelSpec, POSITIONAL_SCHEMES
+from train.model import AttentionOnlyTransformer, ModelConfig, Positional
 
 
 def make(**kw):
     torch.manual_seed(0)
-    spec = ModelSpec(**{"n_layers": 2, "n_heads": 4, "d_model": 32, "d_head": 8, "n_ctx": 24, "d_vocab": 17, **kw})
+    spec = ModelConfig(**{"n_layers": 2, "n_heads": 4, "d_model": 32, "d_head": 8, "n_ctx": 24, "d_vocab": 17, **kw})
     return AttentionOnlyTransformer(spec).eval()
 
 
-@pytest.mark.parametrize("positional", POSITIONAL_SCHEMES)
+@pytest.mark.parametrize("positional", Positional)
 @pytest.mark.parametrize("extra", [{}, {"smeared_key": True}, {"d_mlp": 16}, {"layernorm": "none"}, {"layernorm": "final"}])
 def test_fused_equals_explicit_and_shapes(positional, extra):
     model = make(positional=positional, **extra)
@@ -184,3 +184,20 @@ def test_lr_schedule_warm_up_then_constant_cosine_or_linear_to_the_min_ratio():
     assert [linear(s) for s in (0, 5, 10, 11)] == pytest.approx([1.0, 0.5, 0.0, 0.0])
     with pytest.raises(ValueError, match="optim.schedule='step'"):
         lr_lambda("step", 0, 10, 0.1)(3)
+
+
+def test_model_config_derives_and_checks_in_one_place():
+    from train.errors import ConfigError
+
+    cfg = ModelConfig(d_model=32, n_heads=4, d_vocab=17, positional="rotary").checked()
+    assert cfg.d_head == 8 and cfg.positional is Positional.rotary  # derived, and typed from the string
+    assert AttentionOnlyTransformer(ModelConfig(d_model=32, n_heads=4, d_vocab=17)).config.d_head == 8
+    bad = [({"d_model": 30}, r"^model.d_model=30: must be divisible by model.n_heads=4"),
+           ({"positional": "absolute"}, r"^model.positional=absolute: expected one of shortformer, learned"),
+           ({"positional": "learned", "position_layers": 1}, r"^model.position_layers=1: applies to shortformer"),
+           ({"embed_std": 0.0}, r"^model.embed_std=0.0: must be positive")]
+    for kw, message in bad:
+        with pytest.raises(ConfigError, match=message):
+            AttentionOnlyTransformer(ModelConfig(**{"d_model": 32, "n_heads": 4, "d_vocab": 17, **kw}))
+    with pytest.raises(ConfigError, match=r"^model.n_layer: not a model option"):
+        ModelConfig.from_node({"n_layer": 2, "d_vocab": 17})

@@ -104,7 +104,7 @@ def test_copying_score_known_answers():
 
 
 def test_evaluation_cadence_is_log_spaced_then_linear():
-    from train.callbacks.measure import eval_due
+    from train.measurements import eval_due
 
     steps = [s for s in range(0, 260) if eval_due(s, 50)]
     assert steps[:9] == [0, 1, 2, 3, 4, 5, 6, 7, 8]
@@ -113,3 +113,15 @@ def test_evaluation_cadence_is_log_spaced_then_linear():
     assert len(early) == 10 and np.all(ratios > 0.1) and np.all(ratios < 0.4)  # about 4 per doubling
     assert [s for s in steps if s >= 50] == [50, 100, 150, 200, 250]
     assert [s for s in range(0, 40) if eval_due(s, 10)] == [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 20, 30]
+
+
+def test_cadence_costly_scores_only_with_both_cheap_scores_and_evaluation():
+    from train.measurements import Cadence
+
+    cadence = Cadence(every_n_steps=2, eval_every_n_steps=10, circuits_every_n_steps=20)
+    due = {s: cadence.at(s) for s in range(0, 61)}
+    assert [s for s, d in due.items() if d.circuits] == [0, 20, 40, 60]
+    assert all(d.scores == (s % 2 == 0) for s, d in due.items())
+    assert not due[3].scores and due[3].evaluate  # log-spaced evaluation before step 10, odd steps too
+    off = Cadence(enabled=False).at(0)
+    assert not (off.scores or off.evaluate or off.circuits)

@@ -8,9 +8,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from train.config import ConfigError, validate
+from train.config import validate
+from train.errors import ConfigError
 from train.data import tokenize
-from train.data.corpus import CorpusSpec, documents, stdlib_files
+from train.data.corpus import CorpusConfig, documents, stdlib_files
 from train.data.synthetic import BOS, batch_rng
 from train.data.text import TextData, pack, split_documents
 
@@ -65,7 +66,7 @@ def test_json_and_parquet_files_with_a_text_column(tmp_path):
     pq.write_table(pa.table({"body": docs, "id": list(range(12))}), parquet)
     loaded = []
     for path in (jsonl, parquet):
-        spec = CorpusSpec(source="files", data_files=[str(path)], text_column="body",
+        spec = CorpusConfig(source="files", data_files=[str(path)], text_column="body",
                           datasets_cache=str(tmp_path / "hf"))
         loaded.append(documents(spec))
         data = text_data(tmp_path, source="files", data_files=[str(path)], text_column="body")
@@ -87,10 +88,10 @@ def test_bpe_on_local_files_fits_the_vocabulary(tmp_path):
 
 
 def test_stdlib_corpus_with_a_small_cap(tmp_path):
-    files = stdlib_files(CorpusSpec())
+    files = stdlib_files(CorpusConfig())
     root = files[0].parent
     rel = [f.relative_to(root).as_posix() for f in files]
-    assert rel == sorted(rel) and stdlib_files(CorpusSpec()) == files  # deterministic order
+    assert rel == sorted(rel) and stdlib_files(CorpusConfig()) == files  # deterministic order
     assert not any("site-packages" in str(f) or "/test/" in str(f) for f in files)
     data = text_data(tmp_path, source="stdlib", max_chars=60_000, tokenizer="bpe", d_vocab=320, seq_len=64,
                      heldout_fraction=0.3)

@@ -81,3 +81,64 @@ def test_text_two_layers_form_the_circuit_in_a_phase_change_and_one_layer_does_n
     assert s1["induction_heads"] == [] and max(h["prefix_matching"] for h in s1["heads"]) < 0.2
     assert s1["phase_change"] is None, s1["phase_change"]
     assert s1["final"]["icl_score"] >= s2["final"]["icl_score"] + 0.15, (s1["final"], s2["final"])
+
+
+CONTROL_STEPS = 600  # the 2-layer quickstart run is through its phase change by then (window ~350-800)
+
+
+@pytest.fixture(scope="module")
+def one_layer_run(tmp_path_factory):
+    """The quickstart setting with one layer, CONTROL_STEPS steps, trained in-process without
+    checkpoints (about 20 s on 2 CPU cores)."""
+    from hydra import compose, initialize_config_dir
+
+    from tests.conftest import CONF
+    from train.config import register
+    from train.run import run
+
+    register()
+    with initialize_config_dir(config_dir=CONF, version_base="1.3"):
+        cfg = compose("config", overrides=["logger=none", "trainer.enable_progress_bar=false", "model.n_layers=1",
+                                           f"trainer.max_steps={CONTROL_STEPS}", "checkpoint.enabled=false"])
+    run_dir = tmp_path_factory.mktemp("one_layer") / "run"
+    run(cfg, run_dir)
+    return run_dir
+
+
+def test_one_layer_control_forms_no_induction_head_where_two_layers_do(one_layer_run, quickstart_run):
+    """Olsson et al.'s negative control, cheaply: one attention layer cannot compose a previous-token
+    head with an induction head, so within CONTROL_STEPS steps no head ever reaches the induction
+    threshold and summary.json names no phase change; the 2-layer quickstart run (the shared fixture,
+    the same setting and data stream), over its first CONTROL_STEPS steps, does both."""
+    from omegaconf import OmegaConf
+
+    from train.phase import detect_phase_change
+
+    s = read_summary(one_layer_run)
+    cfg = OmegaConf.load(one_layer_run / "config.yaml")
+    threshold = cfg.probes.induction_threshold
+    assert s["status"] == "finished" and s["steps"] == CONTROL_STEPS
+    assert cfg.model.n_layers == 1
+    assert s["induction_heads"] == []
+    heads = pq.read_table(one_layer_run / "metrics" / "heads.parquet").to_pandas()
+    assert heads.step.nunique() == CONTROL_STEPS + 1 and set(heads.layer) == {0}
+    assert heads.prefix_matching.max() < threshold  # at no step, not only the last
+    assert s["phase_change"] is None
+    one_icl = s["final"]["icl_score"]
+
+    # The 2-layer run over the same steps: an induction head and a phase change (as summary.json would
+    # report them for a run stopped at CONTROL_STEPS: the same rows, the same detector and settings).
+    two_cfg = OmegaConf.load(quickstart_run / "config.yaml")
+    assert OmegaConf.masked_copy(two_cfg, ["data", "optim", "probes", "phase", "seed"]) == \
+        OmegaConf.masked_copy(cfg, ["data", "optim", "probes", "phase", "seed"])
+    two_heads = pq.read_table(quickstart_run / "metrics" / "heads.parquet").to_pandas()
+    at_end = two_heads[two_heads.step == CONTROL_STEPS]
+    assert at_end[at_end.layer == 1].prefix_matching.max() >= threshold
+    ev = pq.read_table(quickstart_run / "metrics" / "eval.parquet").to_pandas()
+    ev = ev[ev.step <= CONTROL_STEPS]
+    p = two_cfg.phase
+    window = detect_phase_change(ev.step.to_numpy(), ev.tokens.to_numpy(), ev.icl_score.to_numpy(), p.smooth,
+                                 p.threshold, p.min_drop, p.min_step)
+    assert window is not None and window["onset_step"] < CONTROL_STEPS
+    two_icl = ev.icl_score.iloc[-1] if ev.step.iloc[-1] == CONTROL_STEPS else None
+    assert two_icl is not None and two_icl < one_icl - 0.5, (two_icl, one_icl)

@@ -46,7 +46,8 @@ def test_resume_refuses_truncated_foreign_and_missing_checkpoints(tmp_path):
 def test_load_model_refuses_code(tmp_path):
     import pytest
 
-    from train.load import RunError, read_checkpoint
+    from train.errors import RunError
+    from train.load import read_checkpoint
 
     path = tmp_path / "evil.ckpt"
     with open(path, "wb") as f:

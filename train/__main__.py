@@ -13,7 +13,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from .config import ConfigError, register
+from .config import register
+from .errors import ConfigError, NonFiniteLoss, RunError
 from .report import print_report
 
 register()
@@ -75,8 +76,6 @@ def main(cfg: DictConfig) -> None:
     # Heavy imports after Hydra has parsed the command line, so `--help` and typos answer at once.
     from omegaconf.errors import OmegaConfBaseException
 
-    from .callbacks.measure import NonFiniteLoss
-    from .load import RunError
     from .rundir import SUMMARY, write_json
     from .run import run
 

@@ -7,10 +7,9 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .config import d_head
 from .data.datamodule import StreamDataModule
 from .data.synthetic import RepeatedTokens, batch_rng, probe_token_weights
-from .model import AttentionOnlyTransformer, ModelSpec
+from .model import AttentionOnlyTransformer, ModelConfig
 
 COMMON_DATA_KEYS = ("_target_", "batch_size", "seed", "eval_size", "eval_seed", "num_workers")
 
@@ -28,14 +27,7 @@ def build_datamodule(cfg: DictConfig, generator=None) -> StreamDataModule:
 
 
 def build_model(cfg: DictConfig) -> AttentionOnlyTransformer:
-    m = cfg.model
-    spec = ModelSpec(
-        n_layers=m.n_layers, n_heads=m.n_heads, d_model=m.d_model, d_head=d_head(cfg), n_ctx=m.n_ctx,
-        d_vocab=m.d_vocab, positional=m.positional.value, layernorm=m.layernorm.value,
-        d_mlp=m.d_mlp, smeared_key=m.smeared_key, init_std=m.init_std, embed_std=m.embed_std,
-        freeze_embedding=m.freeze_embedding, position_layers=m.position_layers,
-    )
-    return AttentionOnlyTransformer(spec)
+    return AttentionOnlyTransformer(ModelConfig.from_node(cfg.model))
 
 
 def probe_vocabulary(cfg: DictConfig, generator=None) -> np.ndarray:

@@ -9,48 +9,14 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import II, MISSING, DictConfig, OmegaConf
 
-
-class ConfigError(ValueError):
-    """A config value that cannot work; the message starts with the key."""
-
-
-class Positional(Enum):
-    shortformer = "shortformer"  # positions enter queries and keys only (Olsson et al.), the default
-    learned = "learned"  # learned positions added to the residual stream (GPT-2)
-    rotary = "rotary"  # rotary embeddings on queries and keys
-    none = "none"  # no position information at all
-
-
-class LayerNorm(Enum):
-    pre = "pre"  # before each layer (and its MLP) and before the unembedding (TransformerLens), the default
-    final = "final"  # before the unembedding only: the residual stream keeps its scale through the layers
-    none = "none"
-
-
-@dataclass
-class ModelConfig:
-    n_layers: int = 2  # attention layers
-    n_heads: int = 4  # heads per layer
-    d_model: int = 64  # residual stream width
-    d_head: Optional[int] = None  # per-head width; default d_model // n_heads
-    n_ctx: int = 64  # context length (training sequences are this long)
-    d_vocab: int = II("data.d_vocab")  # vocabulary size, taken from the data by default
-    positional: Positional = Positional.shortformer
-    layernorm: LayerNorm = LayerNorm.pre
-    d_mlp: int = 0  # 0: attention-only; > 0: an MLP of this width after each attention layer
-    smeared_key: bool = False  # per-head trainable key smearing (Olsson et al.)
-    init_std: Optional[float] = None  # weight init std; default 0.8 / sqrt(d_model) (TransformerLens)
-    embed_std: Optional[float] = None  # init std of W_E and W_pos; default init_std
-    freeze_embedding: bool = False  # keep W_E at its random init (fixed random token vectors)
-    # shortformer/rotary: positions enter the attention of the first N layers only (None: every layer).
-    # With 1, later layers can attend by position only through what layer 0 wrote.
-    position_layers: Optional[int] = None
+from .data.corpus import CorpusConfig
+from .errors import ConfigError
+from .model_config import ModelConfig
 
 
 @dataclass
@@ -135,26 +101,13 @@ class RandomCopiesConfig(DataConfig):
 
 
 @dataclass
-class TextDataConfig(DataConfig):
-    """Text through Hugging Face `datasets` (see train/data/text.py). `d_vocab` is the tokenizer's
-    vocabulary plus BOS: 257 for bytes, the BPE's size for bpe."""
+class TextDataConfig(CorpusConfig, DataConfig):
+    """Text through Hugging Face `datasets` (see train/data/text.py); the fields that choose the
+    documents are `CorpusConfig`'s. `d_vocab` is the tokenizer's vocabulary plus BOS: 257 for bytes,
+    the BPE's size for bpe."""
 
     _target_: str = "train.data.text.TextData"
     d_vocab: int = 512
-    source: str = "stdlib"  # stdlib (the Python standard library's .py files) | files | hub
-    dataset: Optional[str] = None  # hub: dataset name, e.g. roneneldan/TinyStories
-    dataset_config: Optional[str] = None  # hub: config name, e.g. wikitext-103-raw-v1
-    split: str = "train"  # hub: the split to read (held-out documents are split off it)
-    revision: Optional[str] = None  # hub: a commit or tag (pin it: the cache key names it)
-    streaming: bool = True  # hub: stream rather than download everything (use with max_chars)
-    data_files: list[str] = field(default_factory=list)  # files: paths or globs
-    file_format: Optional[str] = None  # files: text | json | parquet; default from the extension
-    text_column: str = "text"  # hub, json, parquet: the column holding the text
-    sample_by: str = "paragraph"  # text files: a document is a line | paragraph | document (file)
-    stdlib_exclude: list[str] = field(default_factory=lambda: [
-        "site-packages/*", "dist-packages/*", "test/*", "*/test/*", "*/tests/*", "*/idle_test/*"])
-    max_docs: Optional[int] = None  # read at most this many documents
-    max_chars: Optional[int] = None  # read at most this many characters
     tokenizer: str = "bpe"  # bpe (byte-level, trained on the training documents) | byte (d_vocab 257)
     bpe_min_frequency: int = 2  # BPE: a pair must occur this often to be merged
     heldout_fraction: float = 0.05  # share of documents held out; the evaluation set comes from them
@@ -283,10 +236,6 @@ def register() -> None:
         OmegaConf.register_new_resolver("or_default", lambda value, default: value or default)
 
 
-def d_head(cfg: DictConfig) -> int:
-    return cfg.model.d_head or cfg.model.d_model // cfg.model.n_heads
-
-
 def _require(ok: bool, key: str, value: Any, why: str) -> None:
     if not ok:
         raise ConfigError(f"{key}={value}: {why}")
@@ -295,24 +244,7 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks; raises ConfigError naming the first bad key."""
     m, d, p, o, t = cfg.model, cfg.data, cfg.probes, cfg.optim, cfg.trainer
-    for key in ("n_layers", "n_heads", "d_model", "n_ctx"):
-        _require(m[key] >= 1, f"model.{key}", m[key], "must be at least 1")
-    if m.d_head is None:
-        _require(m.d_model % m.n_heads == 0, "model.d_model", m.d_model,
-                 f"must be divisible by model.n_heads={m.n_heads} (or set model.d_head)")
-    else:
-        _require(m.d_head >= 1, "model.d_head", m.d_head, "must be at least 1")
-    if m.positional == Positional.rotary:
-        _require(d_head(cfg) % 2 == 0, "model.d_head", d_head(cfg), "must be even for rotary positions")
-    if m.position_layers is not None:
-        _require(m.positional in (Positional.shortformer, Positional.rotary), "model.position_layers",
-                 m.position_layers, f"applies to shortformer and rotary positions, not {m.positional.value}")
-        _require(m.position_layers >= 1, "model.position_layers", m.position_layers, "must be at least 1")
-    for key in ("init_std", "embed_std"):
-        _require(m[key] is None or m[key] > 0, f"model.{key}", m[key], "must be positive (or null: the default)")
-    _require(m.d_mlp >= 0, "model.d_mlp", m.d_mlp, "must be 0 (attention-only) or positive")
-    _require(m.d_vocab >= 3, "model.d_vocab", m.d_vocab, "must be at least 3 (BOS and two tokens)")
-    _require(m.n_ctx >= 8, "model.n_ctx", m.n_ctx, "must be at least 8 for the probes to mean anything")
+    ModelConfig.from_node(m)
     _require(d.batch_size >= 1, "data.batch_size", d.batch_size, "must be at least 1")
     _require(d.eval_size >= 1, "data.eval_size", d.eval_size, "must be at least 1")
     _require(d.num_workers >= 0, "data.num_workers", d.num_workers, "must be 0 (batches made in the training "
@@ -348,7 +280,9 @@ def validate(cfg: DictConfig) -> None:
         _require(p[key] >= 1, f"probes.{key}", p[key], "must be at least 1")
     for key in ("circuits_every_n_steps", "heatmap_every_n_steps"):
         _require(p[key] >= 0, f"probes.{key}", p[key], "must be 0 (off) or more")
-    _require(p.rep_len >= 2, "probes.rep_len", p.rep_len, "must be at least 2")
+    _require(p.rep_len >= 3, "probes.rep_len", p.rep_len,
+             "must be at least 3 (with 2, the token after the previous occurrence is the previous token, "
+             "and a previous-token head scores as an induction head)")
     _require(1 + 2 * p.rep_len <= m.n_ctx, "probes.rep_len", p.rep_len,
              f"needs a context of 1 + 2 * rep_len = {1 + 2 * p.rep_len} tokens; model.n_ctx={m.n_ctx}")
     _require(p.rep_len <= m.d_vocab - 1, "probes.rep_len", p.rep_len,

@@ -1,7 +1,7 @@
 """What a run was computed with, beyond its config: the things that move the last bits of the weights.
 
 A run is bit-identical to another of the same config only on the same torch build, device kind and
-intra-op thread count (README, "Reproducibility"). Each checkpoint keeps this record and summary.json
+intra-op thread count (docs/reproducibility.md). Each checkpoint keeps this record and summary.json
 shows it; a resumed run compares its own with the checkpoint's and warns when they differ.
 """
 

@@ -1,23 +1,24 @@
-"""Reading finished (or running) runs back: config, checkpoints, models. Used by `analysis`.
+"""Reading finished (or running) runs back: config, checkpoints, models, metrics (`RunDir`). Used by
+`analysis`.
 
 Checkpoints are loaded with `weights_only=True`: a checkpoint file from someone else cannot run code.
 """
 
 from __future__ import annotations
 
+from functools import cached_property
 from pathlib import Path
 
+import pyarrow as pa
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .build import build_model
 from .config import Config, register
+from .errors import RunError
 from .model import AttentionOnlyTransformer
-from .rundir import CHECKPOINTS, CONFIG, INDEX, read_json
+from .rundir import CHECKPOINTS, CONFIG, INDEX, SUMMARY, read_json, read_table, table_path
 
-
-class RunError(ValueError):
-    """A run directory or checkpoint that cannot be read; the message names the file."""
 
 
 def load_config(run_dir: str | Path) -> DictConfig:
@@ -67,3 +68,73 @@ def load_model(path: str | Path, cfg: DictConfig) -> AttentionOnlyTransformer:
     except RuntimeError as e:
         raise RunError(f"{path}: weights do not match the run's model config ({str(e).splitlines()[0]})") from None
     return model.eval()
+
+
+class RunDir:
+    """A run directory read back: its config, summary, checkpoints, models and metric tables. Every
+    reader of run directories (analysis, figures, sweep summaries) goes through this class, so the
+    layout (`train/rundir.py`) is spelled in one place. Each part is read once, on first use."""
+
+    def __init__(self, path: str | Path, cfg: DictConfig | None = None):
+        self.path = Path(path)
+        self._cfg = cfg
+        self._tables: dict[str, pa.Table | None] = {}
+        self._models: dict[int, AttentionOnlyTransformer] = {}
+
+    @property
+    def cfg(self) -> DictConfig:
+        if self._cfg is None:
+            self._cfg = load_config(self.path)
+        return self._cfg
+
+    def file(self, part: str) -> Path:
+        """The path of a part: `config`, `summary`, `index`, or a metrics table's name."""
+        fixed = {"config": CONFIG, "summary": SUMMARY, "index": INDEX}
+        return self.path / fixed[part] if part in fixed else table_path(self.path, part)
+
+    def is_run(self) -> bool:
+        """A run directory, or a sweep job's directory that Hydra made (the job may have failed early)."""
+        return self.file("config").exists() or (self.path / ".hydra").is_dir()
+
+    def saved_config(self) -> DictConfig | None:
+        """The config as saved, untyped: `config.yaml`, else Hydra's copy of a job that never started."""
+        for path in (self.path / CONFIG, self.path / ".hydra" / "config.yaml"):
+            if path.exists():
+                return OmegaConf.load(path)
+        return None
+
+    @cached_property
+    def summary(self) -> dict | None:
+        path = self.file("summary")
+        return read_json(path) if path.exists() else None
+
+    @cached_property
+    def checkpoints(self) -> list[dict]:
+        """Index entries `{"step", "tokens", "file", "path"}`, oldest first; RunError if there are none."""
+        entries = checkpoints(self.path)
+        if not entries:
+            raise RunError(f"{self.file('index')}: lists no checkpoint")
+        return entries
+
+    def model(self, entry: dict) -> AttentionOnlyTransformer:
+        """The model of a checkpoint entry, in eval mode (cached)."""
+        if entry["step"] not in self._models:
+            self._models[entry["step"]] = load_model(entry["path"], self.cfg)
+        return self._models[entry["step"]]
+
+    def table(self, name: str) -> pa.Table | None:
+        """A metrics table (`train`, `heads`, `eval`, `eval_token_losses`), or None if not written."""
+        if name not in self._tables:
+            self._tables[name] = read_table(self.path, name)
+        return self._tables[name]
+
+    def stored_token_losses(self, step: int) -> torch.Tensor | None:
+        """Per-token losses `[eval_size, n_ctx - 1]` of the evaluation set stored at `step`, if any."""
+        table = self.table("eval_token_losses")
+        if table is None:
+            return None
+        rows = [i for i, s in enumerate(table["step"].to_pylist()) if s == step]
+        if not rows:
+            return None
+        flat = torch.tensor(table["token_losses"][rows[-1]].as_py(), dtype=torch.float32)
+        return flat.view(self.cfg.data.eval_size, self.cfg.model.n_ctx - 1)

@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-POSITIONAL_SCHEMES = ("shortformer", "learned", "rotary", "none")
-LAYERNORMS = ("pre", "final", "none")
+from .model_config import LayerNorm, ModelConfig, Positional  # noqa: F401 (the model's option types)
+
 
 
 @dataclass
 class HeadEdit:
-    """How one layer's heads are changed in a forward pass (ablations, `analysis.ablation`).
+    """How one layer's heads are changed in a forward pass (ablations, `analysis.head_ablation`).
 
     `pattern`: attention pattern `[batch, head, query, key]` used instead of the computed one.
     `z`: a function `z [batch, head, pos, d_head] -> z`, applied to the heads' mixed values before W_O.
@@ -144,7 +144,7 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: "ModelSpec"):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         inner = cfg.layernorm == "pre"
         self.ln1 = nn.LayerNorm(cfg.d_model) if inner else nn.Identity()
@@ -162,63 +162,36 @@ class Block(nn.Module):
         return x, pattern
 
 
-@dataclass
-class ModelSpec:
-    """Shape of the model; `train.config.ModelConfig` documents each field."""
-
-    n_layers: int = 2
-    n_heads: int = 4
-    d_model: int = 64
-    d_head: int = 16
-    n_ctx: int = 128
-    d_vocab: int = 64
-    positional: str = "shortformer"
-    layernorm: str = "pre"
-    d_mlp: int = 0
-    smeared_key: bool = False
-    init_std: float | None = None
-    embed_std: float | None = None
-    freeze_embedding: bool = False
-    position_layers: int | None = None
-
-
 class AttentionOnlyTransformer(nn.Module):
-    def __init__(self, spec: ModelSpec):
+    def __init__(self, config: ModelConfig):
         super().__init__()
-        if spec.positional not in POSITIONAL_SCHEMES:
-            raise ValueError(f"model.positional={spec.positional!r}: expected one of {POSITIONAL_SCHEMES}")
-        if spec.layernorm not in LAYERNORMS:
-            raise ValueError(f"model.layernorm={spec.layernorm!r}: expected one of {LAYERNORMS}")
-        if spec.position_layers is not None and spec.positional not in ("shortformer", "rotary"):
-            raise ValueError(f"model.position_layers applies to shortformer and rotary positions, "
-                             f"not {spec.positional!r}")
-        self.spec = spec
-        self.W_E = nn.Parameter(torch.empty(spec.d_vocab, spec.d_model))
+        self.config = cfg = config.checked()
+        self.W_E = nn.Parameter(torch.empty(cfg.d_vocab, cfg.d_model))
         self.W_pos = (
-            nn.Parameter(torch.empty(spec.n_ctx, spec.d_model))
-            if spec.positional in ("shortformer", "learned")
+            nn.Parameter(torch.empty(cfg.n_ctx, cfg.d_model))
+            if cfg.positional in ("shortformer", "learned")
             else None
         )
-        self.blocks = nn.ModuleList(Block(spec) for _ in range(spec.n_layers))
-        self.ln_final = nn.LayerNorm(spec.d_model) if spec.layernorm != "none" else nn.Identity()
-        self.W_U = nn.Parameter(torch.empty(spec.d_model, spec.d_vocab))
-        self.b_U = nn.Parameter(torch.zeros(spec.d_vocab))
-        if spec.positional == "rotary":
-            cos, sin = rotary_tables(spec.n_ctx, spec.d_head)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
+        self.ln_final = nn.LayerNorm(cfg.d_model) if cfg.layernorm != "none" else nn.Identity()
+        self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
+        self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
+        if cfg.positional == "rotary":
+            cos, sin = rotary_tables(cfg.n_ctx, cfg.d_head)
             self.register_buffer("rotary_cos", cos, persistent=False)
             self.register_buffer("rotary_sin", sin, persistent=False)
         self.reset_parameters()
         # Fixed random token vectors, as Reddy (2023)'s items and labels: an unseen token is then drawn
         # from the same distribution as the trained ones.
-        self.W_E.requires_grad_(not spec.freeze_embedding)
+        self.W_E.requires_grad_(not cfg.freeze_embedding)
 
     def reset_parameters(self) -> None:
         # TransformerLens' default: N(0, 0.8 / sqrt(d_model)) for every matrix, zero biases.
-        std = self.spec.init_std or 0.8 / math.sqrt(self.spec.d_model)
+        std = self.config.init_std or 0.8 / math.sqrt(self.config.d_model)
         embeddings = {"W_E", "W_pos"}
         for name, p in self.named_parameters():
             if p.dim() >= 2:
-                nn.init.normal_(p, std=(self.spec.embed_std or std) if name in embeddings else std)
+                nn.init.normal_(p, std=(self.config.embed_std or std) if name in embeddings else std)
 
     def forward(
         self,
@@ -236,16 +209,16 @@ class AttentionOnlyTransformer(nn.Module):
         # an order that changes from run to run; `embedding`'s backward sums each row in a fixed order.
         x = F.embedding(tokens, self.W_E)  # [batch, pos, d_model]
         qk_pos, rotary = None, None
-        if self.spec.positional == "learned":
+        if self.config.positional == "learned":
             x = x + self.W_pos[:t]
-        elif self.spec.positional == "shortformer":
+        elif self.config.positional == "shortformer":
             qk_pos = self.W_pos[:t]
-        elif self.spec.positional == "rotary":
+        elif self.config.positional == "rotary":
             rotary = (self.rotary_cos, self.rotary_sin)
         patterns = []
         for layer, block in enumerate(self.blocks):
             edit = edits.get(layer) if edits else None
-            if layer == self.spec.position_layers:
+            if layer == self.config.position_layers:
                 qk_pos, rotary = None, None  # later layers see order only through earlier layers' outputs
             x, pattern = block(x, qk_pos, rotary, return_patterns, edit)
             patterns.append(pattern)

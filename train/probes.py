@@ -24,7 +24,7 @@ def per_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
 def eval_losses(model, tokens: Tensor, max_logits: int = 1 << 24) -> Tensor:
     """`per_token_loss` of `tokens [batch, pos]` in chunks of at most `max_logits` logits (64 MiB in
     fp32), so a large evaluation set with a large vocabulary never holds all its logits at once."""
-    rows = max(1, max_logits // (tokens.shape[1] * model.spec.d_vocab))
+    rows = max(1, max_logits // (tokens.shape[1] * model.config.d_vocab))
     return torch.cat([per_token_loss(model(chunk), chunk) for chunk in tokens.split(rows)])
 
 

@@ -18,8 +18,9 @@ from .callbacks.checkpoint import FiniteGuard, ScheduledCheckpoint, last_checkpo
 from .callbacks.measure import Measure
 from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
-from .config import ConfigError, validate
-from .load import RunError, read_checkpoint
+from .config import validate
+from .errors import ConfigError, RunError
+from .load import read_checkpoint
 from .module import InductionLM
 from .rundir import CONFIG, write_text
 from .loggers import build_loggers, finish_loggers
@@ -85,8 +86,8 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.compile:
         model = torch.compile(model)
     module = InductionLM(model, OmegaConf.to_container(cfg.optim), cfg.trainer.max_steps)
-    measure = Measure(run_dir, probe_tokens(cfg, generator), datamodule.eval_tokens(), cfg.probes, cfg.model.n_ctx,
-                      task=generator, task_batch=task_batch(cfg, generator))
+    measure = Measure.of(run_dir, cfg.probes, cfg.model.n_ctx, probe_tokens(cfg, generator), datamodule.eval_tokens(),
+                         task=generator, task_batch=task_batch(cfg, generator))
     # After the data is ready: bad data leaves no run directory behind.
     if not cfg.resume and rank_zero_only.rank == 0:
         write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))

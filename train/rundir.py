@@ -78,9 +78,13 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
     atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
+def table_path(run_dir: str | Path, name: str) -> Path:
+    return Path(run_dir) / METRICS / f"{name}.parquet"
+
+
 def read_table(run_dir: str | Path, name: str) -> pa.Table | None:
     """A metrics table (`train`, `heads`, `eval`, `eval_token_losses`), or None if not written yet."""
-    path = Path(run_dir) / METRICS / f"{name}.parquet"
+    path = table_path(run_dir, name)
     return pq.read_table(path) if path.exists() else None
 
 

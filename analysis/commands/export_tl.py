@@ -1,7 +1,7 @@
-"""Export a checkpoint as a TransformerLens `HookedTransformer` file (see `analysis.export_tl`).
+"""Export a checkpoint as a TransformerLens `HookedTransformer` file (see `analysis.transformerlens`).
 
 CHECKPOINT is a `.ckpt` file inside a run directory (its config is read from the run), or a run
-directory (its last checkpoint). Load the result with `analysis.export_tl.load_hooked_transformer`.
+directory (its last checkpoint). Load the result with `analysis.transformerlens.load_hooked_transformer`.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ def run(args) -> None:
 
     from train.load import load_model
 
-    from ..export_tl import ExportError, export
+    from ..transformerlens import ExportError, export
     from ..runs import AnalysisError, open_run
 
     if Path(args.out).is_dir():
@@ -38,4 +38,4 @@ def run(args) -> None:
         out = export(load_model(path, r.cfg), args.out)
     except ExportError as e:
         raise ExportError(f"{path}: {e}") from None
-    print(f"wrote {out} (from {path}); load it with analysis.export_tl.load_hooked_transformer")
+    print(f"wrote {out} (from {path}); load it with analysis.transformerlens.load_hooked_transformer")

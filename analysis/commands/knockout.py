@@ -10,10 +10,7 @@ row per ablated set) and knockout.md.
 
 from __future__ import annotations
 
-import sys
-
 NAME = "knockout"
-METRICS = ("labelled_patterns", "repeat_completion", "induction_loss", "icl_score")
 
 
 def register(subparsers) -> None:
@@ -30,107 +27,19 @@ def register(subparsers) -> None:
     p.set_defaults(run=run)
 
 
-def rank_heads(heads_table) -> list[tuple[int, int, float]]:
-    """`(layer, head, prefix_matching)` at the last measured step, highest score first."""
-    rows = heads_table.to_pylist()
-    last = max(row["step"] for row in rows)
-    ranked = [(row["layer"], row["head"], row["prefix_matching"]) for row in rows if row["step"] == last]
-    return sorted(ranked, key=lambda h: (-h[2], h[0], h[1]))
-
-
 def run(args) -> None:
-    import numpy as np
     import pyarrow as pa
-    import torch
-    from tqdm import tqdm
 
     from train.rundir import write_parquet, write_text
 
-    from ..ablation import ablate
-    from ..effects import Evaluator
-    from ..pattern_tasks import accuracy, build_tasks
-    from ..runs import AnalysisError, open_run
+    from ..knockout import knockout, markdown
+    from ..runs import open_run
 
     r = open_run(args.run_dir)
-    ranked = rank_heads(r.heads_table())
-    n = len(ranked)
-    k = args.k if args.k is not None else max(1, round(args.fraction * n))
-    if not 1 <= k < n:
-        raise AnalysisError(f"--k {k}: must be between 1 and {n - 1} (the run's model has {n} heads)")
-    if args.seeds < 1:
-        raise AnalysisError(f"--seeds {args.seeds}: must be at least 1")
-    top = [(layer, head) for layer, head, _ in ranked[:k]]
-    others = [(layer, head) for layer, head, _ in ranked[k:]]
-    entry = r.checkpoints[-1]
-    model = r.model(entry)
-    tasks = build_tasks(r.cfg, r.generator, args.n_sequences)
-    evaluate = Evaluator(r, model, args.method)
-
-    conditions = [("clean", None, []), (f"top_{k}", None, top)]
-    for seed in range(args.seeds):
-        pick = np.random.default_rng(seed).choice(len(others), size=k, replace=False)
-        conditions.append((f"random_{k}", seed, sorted(others[i] for i in pick)))
-    prev_heads = {(h["layer"], h["head"]) for h in (r.summary or {}).get("previous_token_heads", [])}
-    rows = []
-    for condition, seed, heads in tqdm(conditions, desc=f"knockout ({args.method})", file=sys.stderr,
-                                       dynamic_ncols=True):
-        out = evaluate(heads)
-        row = {"condition": condition, "seed": seed, "heads": "+".join(f"{a}.{b}" for a, b in heads),
-               "k": len(heads), "step": entry["step"],
-               "has_previous_token_head": any(h in prev_heads for h in heads)}
-        with torch.no_grad():
-            for task in tasks:
-                logits = ablate(model, task.tokens, heads, args.method, evaluate.means) if heads else model(task.tokens)
-                row[task.name] = accuracy(logits, task)
-        row.update(induction_loss=out["induction_loss"], icl_score=out["icl_score"])
-        rows.append(row)
-
-    summary = summarize(rows)
-    # Breakdown (not a new draw): the random sets that miss every previous-token head (summary.json).
-    # In a small model one previous-token head feeds every induction head, so a random set that hits
-    # it breaks the circuit upstream; large models (Crosbie & Shutova's) have too many heads for that.
-    spared = [dict(row, condition=f"random_{k}_no_prev_token") for row in rows
-              if row["condition"] == f"random_{k}" and not row["has_previous_token_head"]]
-    if spared and len(spared) < args.seeds:
-        summary += summarize(spared)
-    meta = {"method": args.method, "step": str(entry["step"]), "k": str(k), "seeds": str(args.seeds),
-            "ranking": ", ".join(f"{a}.{b}={pm:.3f}" for a, b, pm in ranked),
-            **{f"chance_{t.name}": f"{t.chance:.4f}" for t in tasks}}
+    rows, summary, meta, tasks = knockout(r, args.k, args.fraction, args.seeds, args.method, args.n_sequences)
     write_parquet(r.out_dir / "knockout_runs.parquet", pa.Table.from_pylist(rows).replace_schema_metadata(meta))
     write_parquet(r.out_dir / "knockout.parquet", pa.Table.from_pylist(summary).replace_schema_metadata(meta))
     text = markdown(summary, meta, tasks)
     write_text(r.out_dir / "knockout.md", text)
     print(text, end="")
     print(f"wrote {r.out_dir / 'knockout.parquet'}, knockout_runs.parquet, knockout.md")
-
-
-def summarize(rows: list[dict]) -> list[dict]:
-    """Per condition: mean, standard deviation (over seeds; 0 for one set), min and max of each metric."""
-    import numpy as np
-
-    out = []
-    for condition in dict.fromkeys(row["condition"] for row in rows):
-        group = [row for row in rows if row["condition"] == condition]
-        record = {"condition": condition, "k": group[0]["k"], "n_sets": len(group),
-                  "heads": "; ".join(row["heads"] for row in group)}
-        for metric in METRICS:
-            values = np.array([row[metric] for row in group], dtype=float)
-            record.update({f"{metric}_mean": float(values.mean()),
-                           f"{metric}_std": float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                           f"{metric}_min": float(values.min()), f"{metric}_max": float(values.max())})
-        out.append(record)
-    return out
-
-
-def markdown(summary: list[dict], meta: dict, tasks) -> str:
-    chance = ", ".join(f"{t.name} {t.chance:.2f}" for t in tasks)
-    lines = [f"# Knockout ({meta['method']} ablation, step {meta['step']}, k={meta['k']}, {meta['seeds']} random sets)",
-             "", f"Ranking by prefix matching: {meta['ranking']}. Chance accuracy: {chance}.", "",
-             "| condition | heads | " + " | ".join(METRICS) + " |",
-             "|---|---|" + "---|" * len(METRICS)]
-    for s in summary:
-        cells = [f"{s[f'{m}_mean']:.3f} ± {s[f'{m}_std']:.3f}" for m in METRICS]
-        lines.append(f"| {s['condition']} | {s['heads'] or '-'} | " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± standard deviation over the random sets (top-k and clean are single sets). "
-              "`random_k_no_prev_token`: the same random sets, only those without a previous-token head.", ""]
-    return "\n".join(lines)

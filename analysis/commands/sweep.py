@@ -15,7 +15,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> None:
-    from ..sweep import summarize_sweep
+    from train.sweep_summary import summarize_sweep
 
     table = summarize_sweep(args.sweep_dir)
     print(f"{table.num_rows} jobs; wrote {args.sweep_dir}/sweep_summary.{{parquet,md,png}}")

@@ -37,12 +37,12 @@ NAMES = {stem.split("_", 1)[1]: stem for stem, _ in FIGURES}
 
 
 def _builders(runs, pca) -> dict[str, Callable]:
-    from .ablation import ablation_figure
+    from .attribution import ablation_figure
     from .attention import attention_figure
     from .curves import heads_figure, icl_figure, loss_figure, smeared_figure
     from .heatmaps import loss_heatmap_figure
     from .pca import pca_figure
-    from .table import table_figure
+    from .model_table import table_figure
 
     return {
         "01_icl_score": lambda: icl_figure(runs),
@@ -66,11 +66,11 @@ def make_figures(paths: list[str | Path], out_dir: str | Path, only: list[str] |
     when `only` is given: a figure asked for by name), is an AnalysisError. Bad input (a missing
     directory, a run without metrics) is an AnalysisError naming it.
     """
-    from train.load import RunError
+    from train.errors import RunError
 
     from ..runs import AnalysisError
     from .index import Entry, write_index
-    from .runs import open_runs
+    from .run_set import open_runs
     from .style import Plot, save, style
 
     wanted = [NAMES.get(name, name) for name in (only or [])]

@@ -6,9 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runs import RunData
-from .style import CLASS_NAMES, Plot, figure
-from .tables import to_table
+from .run_set import RunData
+from .style import CLASS_NAMES, Plot, figure, to_table
 
 KINDS = ("prefix_matching", "previous_token")  # the head chosen for each column: highest score of this kind
 
@@ -33,10 +32,9 @@ def probe_patterns(run: RunData) -> tuple[int, np.ndarray, np.ndarray]:
     import torch
 
     from train.build import build_generator, probe_tokens
-    from train.load import checkpoints, load_model
 
-    entry = checkpoints(run.path)[-1]
-    model = load_model(entry["path"], run.cfg)
+    entry = run.checkpoints[-1]
+    model = run.model(entry)
     tokens = probe_tokens(run.cfg, build_generator(run.cfg))[:1]  # [1, pos]
     with torch.no_grad():
         _, patterns = model(tokens, return_patterns=True)
@@ -49,8 +47,8 @@ def attention_figure(runs: list[RunData]) -> Plot | str:
         heads = final_scores(r)
         if not heads:
             notes.append(f"{r.label}: no per-head scores (summary.json or metrics/heads.parquet)")
-        elif not (r.path / "checkpoints/index.json").exists():
-            notes.append(f"{r.label}: no checkpoints/index.json")
+        elif not r.file("index").exists():
+            notes.append(f"{r.label}: no {r.file('index').relative_to(r.path)}")
         else:
             chosen.append((r, heads))
     if not chosen:

@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 from matplotlib.lines import Line2D
 
-from .runs import RunData
-from .style import (CLASS_COLORS, CLASS_NAMES, ICL_LABEL, Plot, figure, log_tokens_axis, shade_window)
-from .tables import to_table
+from .run_set import RunData
+from .style import CLASS_COLORS, CLASS_NAMES, ICL_LABEL, Plot, figure, log_tokens_axis, shade_window, to_table
 
 
 def draw_icl(ax, runs: list[RunData], shade: bool = True) -> list[dict]:

@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from .runs import RunData
-from .style import Plot, figure, log_tokens_axis, style
-from .tables import to_table
+from .run_set import RunData
+from .style import Plot, figure, log_tokens_axis, style, to_table
 
 
 def loss_by_position(run: RunData) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

@@ -7,9 +7,8 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from ..runs import AnalysisError
-from .runs import RunData
-from .style import Plot, figure
-from .tables import to_table
+from .run_set import RunData
+from .style import Plot, figure, to_table
 
 # Keys of the data config that do not change the evaluation set.
 NOT_EVAL_KEYS = ("batch_size", "seed")

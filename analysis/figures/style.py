@@ -96,3 +96,12 @@ def log_tokens_axis(ax) -> None:
     ax.set_xscale("log")
     ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(TOKENS_LABEL)
+
+
+def to_table(rows: list[dict]) -> pa.Table:
+    """The data behind a figure, rows of dicts, as one table; a key missing from a row is null there
+    (column order: first seen)."""
+    keys: dict[str, None] = {}
+    for row in rows:
+        keys.update(dict.fromkeys(row))
+    return pa.table({k: pa.array([row.get(k) for row in rows]) for k in keys}) if keys else pa.table({})

@@ -12,8 +12,9 @@ from pathlib import Path
 import lightning as L
 import torch
 
+from ..errors import NonFiniteLoss
 from ..rundir import CHECKPOINTS, INDEX, named, read_json, write_json
-from .measure import Measure, NonFiniteLoss
+from .measure import Measure
 
 
 def is_scheduled(step: int, log_spaced: bool, every_n_steps: int) -> bool:
@@ -79,7 +80,7 @@ class FiniteGuard(L.Callback):
         else:
             return
         raise NonFiniteLoss(f"non-finite {what} at step {step}; the run stopped there and kept its last good "
-                            "checkpoint")
+                            "checkpoint", step)
 
 
 class ScheduledCheckpoint(L.Callback):

@@ -17,7 +17,7 @@ from .measure import Measure
 
 def summarize(measure: Measure, probes_cfg: Any, phase_cfg: Any, n_layers: int, n_heads: int) -> dict:
     """Phase-change window from the evaluation set's ICL curve; head classes from the last probes."""
-    train, heads, ev = (measure.tables[k].columns() for k in ("train", "heads", "eval"))
+    train, heads, ev = (measure.sink.columns(k) for k in ("train", "heads", "eval"))
     out: dict[str, Any] = {"steps": int(train["step"][-1]) if train else 0,
                            "tokens": int(train["tokens"][-1]) if train else 0}
     out["final"] = {

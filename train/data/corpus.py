@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 SOURCES = ("stdlib", "files", "hub")
 FORMATS = {".txt": "text", ".text": "text", ".md": "text", ".py": "text", ".json": "json",
@@ -27,26 +27,27 @@ STDLIB_EXCLUDE = ("site-packages/*", "dist-packages/*", "test/*", "*/test/*", "*
 
 
 @dataclass
-class CorpusSpec:
-    """What to read; the fields of the `text_*` data options that choose the documents."""
+class CorpusConfig:
+    """What to read: the fields of the text data options that choose the documents (the text schema,
+    `train.config.TextDataConfig`, extends this)."""
 
-    source: str = "stdlib"  # stdlib | files | hub
-    dataset: Optional[str] = None  # hub: dataset name, e.g. "roneneldan/TinyStories"
-    dataset_config: Optional[str] = None  # hub: config name, e.g. "wikitext-103-raw-v1"
-    split: str = "train"  # hub: which split to read
-    revision: Optional[str] = None  # hub: a commit or tag; pin it so the cache key is exact
-    streaming: bool = True  # hub: stream instead of downloading the whole dataset
+    source: str = "stdlib"  # stdlib (the Python standard library's .py files) | files | hub
+    dataset: Optional[str] = None  # hub: dataset name, e.g. roneneldan/TinyStories
+    dataset_config: Optional[str] = None  # hub: config name, e.g. wikitext-103-raw-v1
+    split: str = "train"  # hub: the split to read (held-out documents are split off it)
+    revision: Optional[str] = None  # hub: a commit or tag (pin it: the cache key names it)
+    streaming: bool = True  # hub: stream rather than download everything (use with max_chars)
     data_files: list[str] = field(default_factory=list)  # files: paths or globs
     file_format: Optional[str] = None  # files: text | json | parquet; default from the extension
     text_column: str = "text"  # hub, json, parquet: the column holding the text
-    sample_by: str = "paragraph"  # text files: one document per line | paragraph | document (file)
+    sample_by: str = "paragraph"  # text files: a document is a line | paragraph | document (file)
     stdlib_exclude: list[str] = field(default_factory=lambda: list(STDLIB_EXCLUDE))  # stdlib: globs
     max_docs: Optional[int] = None  # read at most this many documents
     max_chars: Optional[int] = None  # read at most this many characters (the last document is cut)
-    datasets_cache: Optional[str] = None  # where `datasets` keeps its Arrow copy of local files
+    datasets_cache: Optional[str] = None  # where `datasets` keeps its Arrow copy of local files (default: cache_dir/datasets)
 
 
-def check(spec: CorpusSpec) -> None:
+def check(spec: CorpusConfig) -> None:
     """Cheap checks that need no reading."""
     if spec.source not in SOURCES:
         raise ConfigError(f"data.source={spec.source}: expected one of {', '.join(SOURCES)}")
@@ -63,7 +64,7 @@ def check(spec: CorpusSpec) -> None:
             raise ConfigError(f"data.sample_by={spec.sample_by}: expected line, paragraph or document")
 
 
-def fingerprint(spec: CorpusSpec) -> dict:
+def fingerprint(spec: CorpusConfig) -> dict:
     """Identifies the documents `documents(spec)` would return, without reading them."""
     check(spec)
     caps = {"max_docs": spec.max_docs, "max_chars": spec.max_chars}
@@ -78,7 +79,7 @@ def fingerprint(spec: CorpusSpec) -> dict:
     return {"source": "stdlib", "root": str(root), "files": [_stat(p, root) for p in stdlib_files(spec)], **caps}
 
 
-def documents(spec: CorpusSpec) -> list[str]:
+def documents(spec: CorpusConfig) -> list[str]:
     """The corpus as a list of non-empty documents, in a deterministic order, capped."""
     check(spec)
     if spec.source == "hub":
@@ -92,7 +93,7 @@ def documents(spec: CorpusSpec) -> list[str]:
     return docs
 
 
-def describe(spec: CorpusSpec) -> str:
+def describe(spec: CorpusConfig) -> str:
     """The key (and value) that names this corpus in an error message."""
     if spec.source == "hub":
         return f"data.dataset={spec.dataset}"
@@ -108,7 +109,7 @@ def stdlib_root() -> Path:
     return Path(sysconfig.get_paths()["stdlib"]).resolve()
 
 
-def stdlib_files(spec: CorpusSpec) -> list[Path]:
+def stdlib_files(spec: CorpusConfig) -> list[Path]:
     """The standard library's .py files, sorted by relative path, minus `stdlib_exclude` (a directory
     the globs exclude is not even walked: site-packages can be large)."""
     root = stdlib_root()
@@ -149,7 +150,7 @@ def local_files(patterns: Iterable[str]) -> list[Path]:
     return [p.resolve() for p in files]
 
 
-def file_format(spec: CorpusSpec, files: list[Path]) -> str:
+def file_format(spec: CorpusConfig, files: list[Path]) -> str:
     if spec.file_format:
         if spec.file_format not in ("text", "json", "parquet"):
             raise ConfigError(f"data.file_format={spec.file_format}: expected text, json or parquet")
@@ -165,7 +166,7 @@ def file_format(spec: CorpusSpec, files: list[Path]) -> str:
     return formats.pop()
 
 
-def _file_texts(spec: CorpusSpec) -> Iterator[str]:
+def _file_texts(spec: CorpusConfig) -> Iterator[str]:
     import datasets
 
     files = local_files(spec.data_files)
@@ -187,7 +188,7 @@ def _file_texts(spec: CorpusSpec) -> Iterator[str]:
 # --- the hub --------------------------------------------------------------------------------------
 
 
-def _hub_texts(spec: CorpusSpec) -> Iterator[str]:
+def _hub_texts(spec: CorpusConfig) -> Iterator[str]:
     import datasets
 
     datasets.disable_progress_bars()
@@ -215,7 +216,7 @@ def _offline() -> bool:
         os.environ.get(f, "").lower() in ("1", "true", "yes", "on") for f in flags)
 
 
-def _as_texts(ds, column: str, spec: CorpusSpec) -> Iterator[str]:
+def _as_texts(ds, column: str, spec: CorpusConfig) -> Iterator[str]:
     for row in ds:
         text = row.get(column)
         if text is not None and not isinstance(text, str):
@@ -226,7 +227,7 @@ def _as_texts(ds, column: str, spec: CorpusSpec) -> Iterator[str]:
 # --- helpers --------------------------------------------------------------------------------------
 
 
-def _capped(texts: Iterable[str], spec: CorpusSpec) -> list[str]:
+def _capped(texts: Iterable[str], spec: CorpusConfig) -> list[str]:
     """Non-blank documents up to `max_docs` documents and `max_chars` characters."""
     docs: list[str] = []
     chars = 0

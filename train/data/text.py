@@ -30,10 +30,10 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..rundir import atomic_write, read_json, write_json
 from . import corpus as corpus_mod
-from .corpus import CorpusSpec
+from .corpus import CorpusConfig
 from .tokenize import BOS, get_tokenizer
 
 log = logging.getLogger(__name__)
@@ -105,7 +105,8 @@ class TextData:
         self.d_vocab, self.seq_len, self.kind, self.windows = d_vocab, seq_len, tokenizer, windows
         self.heldout_fraction, self.split_seed, self.bpe_min_frequency = heldout_fraction, split_seed, bpe_min_frequency
         self.cache_root = Path(os.path.expanduser(cache_dir or os.environ.get("INDUCTION_HARNESS_CACHE") or DEFAULT_CACHE))
-        self.spec = CorpusSpec(**corpus, datasets_cache=str(self.cache_root / "datasets"))
+        self.spec = CorpusConfig(**corpus)
+        self.spec.datasets_cache = self.spec.datasets_cache or str(self.cache_root / "datasets")
         self._train: Optional[np.ndarray] = None
         self._heldout: Optional[np.ndarray] = None
         self._counts: Optional[np.ndarray] = None

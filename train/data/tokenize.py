@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from ..rundir import write_text
 
 BOS = 0

@@ -4,12 +4,11 @@ trajectory, ablation attribution when analysed). Panels in a column share their 
 
 from __future__ import annotations
 
-from .ablation import draw_attribution, first_attribution
+from .attribution import draw_attribution, first_attribution
 from .curves import class_legend, draw_heads, draw_icl, draw_loss, reference_run
 from .pca import draw_pca
-from .runs import RunData
-from .style import ICL_LABEL, Plot, figure
-from .tables import to_table
+from .run_set import RunData
+from .style import ICL_LABEL, Plot, figure, to_table
 
 
 def empty(ax, text: str) -> None:

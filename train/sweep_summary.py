@@ -6,16 +6,15 @@ and on demand with `python -m analysis sweep SWEEP_DIR`.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pyarrow as pa
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from train.rundir import SUMMARY, atomic_write, write_parquet, write_text
-
-from .runs import AnalysisError
+from .errors import RunError
+from .load import RunDir
+from .rundir import atomic_write, write_parquet, write_text
 
 COLUMNS = ("job", "n_layers", "n_heads", "seed", "status", "onset_step", "end_step", "onset_tokens",
            "end_tokens", "final_icl_score", "n_induction_heads", "error")
@@ -25,13 +24,11 @@ def job_row(job_dir: Path) -> dict:
     """What one job did, read from its run directory (a job that never started counts as failed)."""
     row = dict.fromkeys(COLUMNS)
     row["job"] = job_dir.name
-    config = job_dir / "config.yaml"
-    if not config.exists():
-        config = job_dir / ".hydra" / "config.yaml"
-    if config.exists():
-        cfg = OmegaConf.load(config)
+    job = RunDir(job_dir)
+    cfg = job.saved_config()
+    if cfg is not None:
         row.update(n_layers=cfg.model.n_layers, n_heads=cfg.model.n_heads, seed=cfg.seed)
-    summary = json.loads((job_dir / SUMMARY).read_text()) if (job_dir / SUMMARY).exists() else {}
+    summary = job.summary or {}
     row["status"] = summary.get("status", "failed")
     row["error"] = summary.get("error") or (None if summary else "no summary.json: the job did not finish")
     pc = summary.get("phase_change") or {}
@@ -42,7 +39,7 @@ def job_row(job_dir: Path) -> dict:
 
 
 def job_dirs(sweep_dir: Path) -> list[Path]:
-    dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and (d / ".hydra").exists()]
+    dirs = [d for d in sweep_dir.iterdir() if d.is_dir() and RunDir(d).is_run()]
     return sorted(dirs, key=lambda d: (int(d.name.split("_")[0]) if d.name.split("_")[0].isdigit() else 1 << 30,
                                        d.name))
 
@@ -51,10 +48,10 @@ def summarize_sweep(sweep_dir: str | Path) -> pa.Table:
     """Write sweep_summary.parquet, sweep_summary.md and sweep_summary.png into the sweep directory."""
     sweep_dir = Path(sweep_dir)
     if not sweep_dir.is_dir():
-        raise AnalysisError(f"{sweep_dir}: not a directory")
+        raise RunError(f"{sweep_dir}: not a directory")
     jobs = job_dirs(sweep_dir)
     if not jobs:
-        raise AnalysisError(f"{sweep_dir}: no sweep jobs in it (no */.hydra)")
+        raise RunError(f"{sweep_dir}: no sweep jobs in it (no */.hydra)")
     rows = [job_row(d) for d in jobs]
     table = pa.Table.from_pylist(rows)
     write_parquet(sweep_dir / "sweep_summary.parquet", table)

@@ -46,7 +46,7 @@ class ExportError(ValueError):
 
 def tl_config(model: AttentionOnlyTransformer) -> dict:
     """`HookedTransformerConfig` keyword arguments describing `model` (plain JSON types)."""
-    s = model.spec
+    s = model.config
     if s.smeared_key:
         raise ExportError("model.smeared_key=true: TransformerLens has no smeared-key attention; cannot export")
     if s.position_layers is not None and s.position_layers < s.n_layers:
@@ -72,7 +72,7 @@ def tl_config(model: AttentionOnlyTransformer) -> dict:
 
 def tl_state_dict(model: AttentionOnlyTransformer) -> dict[str, Tensor]:
     """Our parameters under TransformerLens' names (buffers such as masks are rebuilt on load)."""
-    s = model.spec
+    s = model.config
     sd: dict[str, Tensor] = {"embed.W_E": model.W_E}
     if s.positional in ("shortformer", "learned"):
         sd["pos_embed.W_pos"] = model.W_pos

@@ -6,29 +6,26 @@ one, the config keys that tell them apart are added ("2L 8h", "2L seed1"), then 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from omegaconf import DictConfig, OmegaConf
 
-from train.load import RunError, load_config
-from train.rundir import CONFIG, METRICS, SUMMARY, read_json, read_table
+from train.errors import RunError
+from train.load import RunDir, load_config
 
 from ..runs import AnalysisError
 
 REQUIRED = ("train", "eval")  # metrics every figure set needs; the others only some figures
 
 
-@dataclass(eq=False)  # compared and hashed by identity: one object per run
-class RunData:
-    path: Path
-    cfg: DictConfig
-    label: str = ""
-    color: str = "C0"
-    _tables: dict = field(default_factory=dict, repr=False)
+class RunData(RunDir):
+    """A run in a figure set: its label and colour beside what `RunDir` reads. Compared and hashed by
+    identity: one object per run."""
+
+    def __init__(self, path: Path, cfg: DictConfig, label: str = "", color: str = "C0"):
+        super().__init__(path, cfg)
+        self.label, self.color = label, color
 
     @property
     def n_layers(self) -> int:
@@ -46,20 +43,9 @@ class RunData:
     def is_vanilla_1l(self) -> bool:
         return self.n_layers == 1 and not self.smeared and not self.mlp
 
-    @cached_property
-    def summary(self) -> dict | None:
-        path = self.path / SUMMARY
-        return read_json(path) if path.exists() else None
-
     @property
     def phase_change(self) -> dict | None:
         return (self.summary or {}).get("phase_change")
-
-    def table(self, name: str) -> pa.Table | None:
-        """`metrics/<name>.parquet`, or None when the run did not write it."""
-        if name not in self._tables:
-            self._tables[name] = read_table(self.path, name)
-        return self._tables[name]
 
     def columns(self, name: str, *cols: str, positive_tokens: bool = False) -> dict[str, np.ndarray]:
         """Columns of a metrics table as arrays (nulls as NaN), optionally only rows with tokens > 0."""
@@ -124,17 +110,18 @@ def expand(paths: list[str | Path]) -> tuple[list[Path], list[str]]:
     for p in map(Path, paths):
         if not p.is_dir():
             raise AnalysisError(f"{p}: no such run or sweep directory")
-        if (p / CONFIG).exists():
+        if RunDir(p).file("config").exists():
             found.append(p)
             continue
-        jobs = sorted((d for d in p.iterdir() if d.is_dir() and ((d / CONFIG).exists() or (d / ".hydra").exists())),
+        jobs = sorted((d for d in p.iterdir() if d.is_dir() and RunDir(d).is_run()),
                       key=_sort_key)
         if not jobs:
-            raise AnalysisError(f"{p / CONFIG}: not found (not a run directory, nor a sweep of run directories)")
+            raise AnalysisError(f"{RunDir(p).file('config')}: not found (not a run directory, nor a sweep of run directories)")
         for job in jobs:
-            missing = [n for n in (CONFIG, *(f"{METRICS}/{t}.parquet" for t in REQUIRED)) if not (job / n).exists()]
+            job_run = RunDir(job)
+            missing = [f for f in (job_run.file("config"), *map(job_run.file, REQUIRED)) if not f.exists()]
             if missing:
-                notes.append(f"{job}: left out ({missing[0]} not found; did the job fail?)")
+                notes.append(f"{job}: left out ({missing[0].relative_to(job)} not found; did the job fail?)")
             else:
                 found.append(job)
     if not found:
@@ -156,15 +143,13 @@ def open_runs(paths: list[str | Path], log=print) -> list[RunData]:
             cfg = load_config(d)
         except RunError as e:
             raise AnalysisError(str(e)) from None
-        for name in REQUIRED:
-            path = d / METRICS / f"{name}.parquet"
-            if not path.exists():
-                raise AnalysisError(f"{path}: not found (a run without metrics; did it start?)")
         run = RunData(d, cfg, base_label(cfg))
         for name in REQUIRED:
             t = run.table(name)
+            if t is None:
+                raise AnalysisError(f"{run.file(name)}: not found (a run without metrics; did it start?)")
             if t.num_rows == 0:
-                raise AnalysisError(f"{d / METRICS / (name + '.parquet')}: empty")
+                raise AnalysisError(f"{run.file(name)}: empty")
         runs.append(run)
     _distinguish(runs)
     for i, r in enumerate(runs):

@@ -57,7 +57,7 @@ def _replace_heads(heads: list[int], value: Callable[[Tensor], Tensor]) -> Calla
 
 def zero_edits(model: AttentionOnlyTransformer, heads: Iterable[Head]) -> dict[int, HeadEdit]:
     """Edits that zero the chosen heads' `z` (their whole output but the shared bias)."""
-    s = model.spec
+    s = model.config
     return {layer: HeadEdit(z=_replace_heads(hs, lambda z: z.new_zeros(()))) for layer, hs in
             by_layer(heads, s.n_layers, s.n_heads).items()}
 
@@ -65,7 +65,7 @@ def zero_edits(model: AttentionOnlyTransformer, heads: Iterable[Head]) -> dict[i
 @torch.no_grad()
 def record_z(model: AttentionOnlyTransformer, tokens: Tensor) -> list[Tensor]:
     """Every layer's `z [batch, head, pos, d_head]` on a clean run over `tokens`."""
-    recorded: list[Tensor | None] = [None] * model.spec.n_layers
+    recorded: list[Tensor | None] = [None] * model.config.n_layers
 
     def recorder(layer: int) -> Callable[[Tensor], Tensor]:
         def record(z: Tensor) -> Tensor:
@@ -74,7 +74,7 @@ def record_z(model: AttentionOnlyTransformer, tokens: Tensor) -> list[Tensor]:
 
         return record
 
-    model(tokens, edits={layer: HeadEdit(z=recorder(layer)) for layer in range(model.spec.n_layers)})
+    model(tokens, edits={layer: HeadEdit(z=recorder(layer)) for layer in range(model.config.n_layers)})
     return recorded  # type: ignore[return-value]
 
 
@@ -90,7 +90,7 @@ def mean_z(model: AttentionOnlyTransformer, reference: Tensor, per_position: boo
 def mean_edits(model: AttentionOnlyTransformer, heads: Iterable[Head], means: Sequence[Tensor]) -> dict[int, HeadEdit]:
     """Edits that replace the chosen heads' `z` by `means` (from `mean_z`). Per-position means are cut
     to the input's length, so inputs may be shorter than the reference sequences, not longer."""
-    s = model.spec
+    s = model.config
     edits = {}
     for layer, hs in by_layer(heads, s.n_layers, s.n_heads).items():
         mean = means[layer][hs]  # [len(hs), pos or 1, d_head]
@@ -113,7 +113,7 @@ def clean_patterns(model: AttentionOnlyTransformer, tokens: Tensor) -> list[Tens
 def pattern_edits(model: AttentionOnlyTransformer, heads: Iterable[Head], patterns: Sequence[Tensor]) -> dict[int, HeadEdit]:
     """Pattern-preserving ablation: every layer's pattern frozen to `patterns` (from `clean_patterns`
     on the same tokens), the chosen heads' `z` zeroed."""
-    s = model.spec
+    s = model.config
     chosen = by_layer(heads, s.n_layers, s.n_heads)
     zeroed = zero_edits(model, heads)
     return {layer: HeadEdit(pattern=patterns[layer], z=zeroed[layer].z if layer in chosen else None)

@@ -9,16 +9,16 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 
+from ..runs import ANALYSIS
 from .curves import class_legend
-from .runs import RunData
-from .style import CLASS_COLORS, Plot, figure, log_tokens_axis, shade_window
-from .tables import to_table
+from .run_set import RunData
+from .style import CLASS_COLORS, Plot, figure, log_tokens_axis, shade_window, to_table
 
 DELTA = ("delta_icl_score", "delta_icl", "icl_delta")  # column names the attribution may have
 
 
 def ablation_files(run: RunData) -> list[Path]:
-    return sorted((run.path / "analysis").glob("ablation_*.parquet"))
+    return sorted((run.path / ANALYSIS).glob("ablation_*.parquet"))
 
 
 def read_attribution(path: Path) -> tuple[str, dict[str, np.ndarray]] | str:
