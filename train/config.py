@@ -16,6 +16,7 @@ from omegaconf import II, MISSING, DictConfig, OmegaConf
 
 from .data.corpus import CorpusConfig
 from .errors import ConfigError
+from .interventions import InterventionConfig
 from .model_config import ModelConfig
 
 
@@ -218,6 +219,9 @@ class Config:
     seed: int = 0  # model initialisation and the data stream
     resume: Optional[str] = None  # a run directory to continue from its last checkpoint
     compile: bool = False  # torch.compile the model
+    # Heads ablated, clamped or frozen during training (train/interventions.py), e.g.
+    # 'intervene=[{heads: [L0H0], kind: zero, from_step: 0, to_step: 400}]'
+    intervene: list[InterventionConfig] = field(default_factory=list)
 
 
 def register() -> None:
@@ -294,6 +298,9 @@ def validate(cfg: DictConfig) -> None:
         icl_positions(m.n_ctx, p.icl_late, p.icl_early, p.icl_span)
     except ValueError as e:
         raise ConfigError(f"probes.icl_late/icl_early/icl_span: {e}") from None
+    from .interventions import parse
+
+    parse(cfg.intervene, m.n_layers, m.n_heads, t.max_steps)
     _require(cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", cfg.checkpoint.every_n_steps,
              "must be 0 (off) or more")
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",

@@ -45,8 +45,9 @@ class Heads:
     weights of the batch, are computed once by a caller that measures the same batch at every step."""
 
     def __init__(self, model: AttentionOnlyTransformer | None, tokens: Tensor, score_weights: Tensor | None = None,
-                 logits: Tensor | None = None, patterns: list[Tensor] | None = None):
-        self.model, self.tokens = model, tokens
+                 logits: Tensor | None = None, patterns: list[Tensor] | None = None,
+                 edits: dict[int, HeadEdit] | None = None):
+        self.model, self.tokens, self.edits = model, tokens, edits
         self._weights, self._logits, self._patterns = score_weights, logits, patterns
         self.values: dict[str, Tensor] = {}
 
@@ -56,7 +57,7 @@ class Heads:
         return self.values[name]
 
     def _forward(self) -> None:
-        self._logits, self._patterns = self.model(self.tokens, return_patterns=True)
+        self._logits, self._patterns = self.model(self.tokens, return_patterns=True, edits=self.edits)
 
     @property
     def logits(self) -> Tensor:
@@ -83,20 +84,25 @@ class Heads:
 
     @cached_property
     def outputs(self) -> tuple[list[Tensor], list[Tensor]]:
-        return head_outputs(self.model, self.tokens)
+        return head_outputs(self.model, self.tokens, self.edits)
 
 
 @torch.no_grad()
-def head_outputs(model: AttentionOnlyTransformer, tokens: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-    """Every head's direct output `[batch, head, pos, d_model]` and pattern, per layer."""
+def head_outputs(model: AttentionOnlyTransformer, tokens: Tensor,
+                 edits: dict[int, HeadEdit] | None = None) -> tuple[list[Tensor], list[Tensor]]:
+    """Every head's direct output `[batch, head, pos, d_model]` and pattern, per layer (with `edits`
+    applied first)."""
     zs: list[Tensor] = []
 
-    def keep(z: Tensor) -> Tensor:
-        zs.append(z)
-        return z
+    def keeper(edit: HeadEdit | None) -> HeadEdit:
+        def keep(z: Tensor) -> Tensor:
+            z = edit.z(z) if edit is not None and edit.z is not None else z
+            zs.append(z)
+            return z
+        return HeadEdit(edit.pattern if edit else None, edit.pattern_fn if edit else None, keep)
 
     n = len(model.blocks)
-    _, patterns = model(tokens, return_patterns=True, edits={l: HeadEdit(z=keep) for l in range(n)})
+    _, patterns = model(tokens, return_patterns=True, edits={l: keeper((edits or {}).get(l)) for l in range(n)})
     outs = [torch.einsum("bhtd,hdm->bhtm", z, block.attn.W_O) for z, block in zip(zs, model.blocks)]
     return outs, patterns
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from . import head_scores, probes
+from .model import HeadEdit
 
 
 def eval_due(step: int, every: int, per_octave: int = 4) -> bool:
@@ -85,24 +86,25 @@ class Measurements:
 
     @torch.inference_mode()
     def __call__(self, model: torch.nn.Module, scores: bool = True, evaluate: bool = False, circuits: bool = False,
-                 token_losses: bool = False) -> dict[str, Tensor]:
+                 token_losses: bool = False, edits: dict[int, HeadEdit] | None = None) -> dict[str, Tensor]:
         """The measurements of one step: per-head scores `[layer, head]` (the costly ones with `circuits`),
         the induction loss and task metrics (`scores`); the evaluation set's loss, ICL score and loss by
-        position (`evaluate`), and every per-token loss (`token_losses`, at checkpoints)."""
+        position (`evaluate`), and every per-token loss (`token_losses`, at checkpoints). `edits`: the
+        step's interventions (train/interventions.py), applied to every forward pass."""
         was_training = model.training
         if was_training:  # the worker's copies are always in eval mode: no walk over the modules
             model.eval()
         try:
             out: dict[str, Tensor] = {}
             if scores or circuits:
-                heads = head_scores.Heads(model, self.probe_tokens, self.score_weights)
+                heads = head_scores.Heads(model, self.probe_tokens, self.score_weights, edits=edits)
                 if scores:
                     out.update(self.probe_scores(heads))
-                    out.update(self.task_scores(model))
+                    out.update(self.task_scores(model, edits))
                 if circuits:
                     out.update({name: heads.score(name) for name in head_scores.names(costly=True)})
             if evaluate or token_losses:
-                losses = probes.eval_losses(model, self.eval_tokens)  # [eval, pos - 1]
+                losses = probes.eval_losses(model, self.eval_tokens, edits=edits)  # [eval, pos - 1]
                 if evaluate:
                     out.update(self.eval_values(losses))
                 if token_losses:
@@ -123,8 +125,8 @@ class Measurements:
         return {"eval/loss": losses.mean(), "eval/icl_score": probes.icl_score(losses, self.late, self.early),
                 "eval/loss_by_position": losses.mean(dim=0)}
 
-    def task_scores(self, model: torch.nn.Module) -> dict[str, Tensor]:
+    def task_scores(self, model: torch.nn.Module, edits: dict[int, HeadEdit] | None = None) -> dict[str, Tensor]:
         """The data option's task metrics on its fixed batch (scalars named `task/...`), or nothing."""
         if self.task is None:
             return {}
-        return self.task.task_metrics(model(self.task_batch["tokens"]), self.task_batch)
+        return self.task.task_metrics(model(self.task_batch["tokens"], edits=edits), self.task_batch)

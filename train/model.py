@@ -28,10 +28,13 @@ class HeadEdit:
     """How one layer's heads are changed in a forward pass (ablations, `analysis.head_ablation`).
 
     `pattern`: attention pattern `[batch, head, query, key]` used instead of the computed one.
+    `pattern_fn`: a function `pattern -> pattern` applied to the computed one (clamping chosen heads).
     `z`: a function `z [batch, head, pos, d_head] -> z`, applied to the heads' mixed values before W_O.
+    An edit of `z` alone keeps the fused attention path; an edit of the pattern takes the explicit one.
     """
 
     pattern: Tensor | None = None
+    pattern_fn: Callable[[Tensor], Tensor] | None = None
     z: Callable[[Tensor], Tensor] | None = None
 
 
@@ -112,7 +115,7 @@ class Attention(nn.Module):
             q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
 
         pattern = None
-        if need_pattern or edit is not None:
+        if need_pattern or (edit is not None and (edit.pattern is not None or edit.pattern_fn is not None)):
             if edit is not None and edit.pattern is not None:
                 pattern = edit.pattern
             else:
@@ -121,11 +124,13 @@ class Attention(nn.Module):
                 scores = torch.baddbmm(causal_bias(t, q.device, q.dtype), q.reshape(b * h, t, -1),
                                        k.reshape(b * h, t, -1).transpose(-1, -2), alpha=self.d_head ** -0.5)
                 pattern = scores.softmax(dim=-1).view(b, h, t, t)  # [batch, head, query, key]
+                if edit is not None and edit.pattern_fn is not None:
+                    pattern = edit.pattern_fn(pattern)
             z = pattern @ v  # [batch, head, pos, d_head]
-            if edit is not None and edit.z is not None:
-                z = edit.z(z)
         else:
             z = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        if edit is not None and edit.z is not None:
+            z = edit.z(z)
         b, h, t, d = z.shape
         out = torch.addmm(self.b_O, z.transpose(1, 2).reshape(b * t, h * d), self.W_O.reshape(h * d, -1))
         return out.view(b, t, -1), pattern  # [batch, pos, d_model]

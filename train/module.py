@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from .environment import differences, environment
+from .interventions import Interventions
 from .model import AttentionOnlyTransformer
 from .probes import per_token_loss
 
@@ -37,9 +38,13 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 class InductionLM(L.LightningModule):
-    def __init__(self, model: AttentionOnlyTransformer, optim: dict[str, Any], total_steps: int):
+    def __init__(self, model: AttentionOnlyTransformer, optim: dict[str, Any], total_steps: int,
+                 interventions: Interventions | None = None):
         super().__init__()
         self.model = model
+        self.interventions = interventions or Interventions([])
+        self.step = 0  # the update this batch makes (Lightning's global_step moves inside the step)
+        self.last_intervened = 0  # interventions active in the last training step
         self.optim = optim
         self.total_steps = total_steps
         self.tokens_seen = 0
@@ -53,12 +58,32 @@ class InductionLM(L.LightningModule):
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         tokens = batch["tokens"]
-        losses = per_token_loss(self.model(tokens), tokens)  # [batch, pos - 1]
+        self.step = step = self.global_step
+        edits = None
+        if self.interventions:
+            self.last_intervened = len(self.interventions.active(step))
+            self.interventions.hold_frozen(self.raw_model, step, before_update=True)
+            edits = self.interventions.edits(step, record=True)
+        logits = self.model(tokens, edits=edits) if edits else self.model(tokens)
+        losses = per_token_loss(logits, tokens)  # [batch, pos - 1]
         self.last_token_losses = losses.detach().mean(dim=0)
         self.tokens_seen += tokens.numel() * self.trainer.world_size
         loss = losses.mean()
         self.last_loss = loss.detach()  # the progress bar reads it every few steps; Measure records it
         return loss
+
+    @property
+    def raw_model(self) -> AttentionOnlyTransformer:
+        return getattr(self.model, "_orig_mod", self.model)  # torch.compile's wrapper holds the model
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self.interventions:
+            self.interventions.zero_frozen_grads(self.raw_model, self.step)
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        if self.interventions:
+            self.interventions.hold_frozen(self.raw_model, self.step, before_update=False)
 
     def trained_parameters(self) -> list[Tensor]:
         """The parameters the optimizer updates (not a frozen embedding), listed once: walking the
@@ -100,9 +125,13 @@ class InductionLM(L.LightningModule):
         checkpoint["tokens_seen"] = self.tokens_seen
         checkpoint["rng"] = rng_state()
         checkpoint["environment"] = environment(self.device)
+        if self.interventions:
+            checkpoint["interventions"] = self.interventions.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokens_seen = int(checkpoint["tokens_seen"])
+        if self.interventions and "interventions" in checkpoint:
+            self.interventions.load_state_dict(checkpoint["interventions"])
         if "rng" in checkpoint:
             set_rng_state(checkpoint["rng"])
         if "environment" in checkpoint:

@@ -21,11 +21,12 @@ def per_token_loss(logits: Tensor, tokens: Tensor) -> Tensor:
     ).view(tokens.shape[0], -1)
 
 
-def eval_losses(model, tokens: Tensor, max_logits: int = 1 << 24) -> Tensor:
+def eval_losses(model, tokens: Tensor, max_logits: int = 1 << 24, edits=None) -> Tensor:
     """`per_token_loss` of `tokens [batch, pos]` in chunks of at most `max_logits` logits (64 MiB in
-    fp32), so a large evaluation set with a large vocabulary never holds all its logits at once."""
+    fp32), so a large evaluation set with a large vocabulary never holds all its logits at once.
+    `edits`: head edits of every forward pass (`train.model.HeadEdit`)."""
     rows = max(1, max_logits // (tokens.shape[1] * model.config.d_vocab))
-    return torch.cat([per_token_loss(model(chunk), chunk) for chunk in tokens.split(rows)])
+    return torch.cat([per_token_loss(model(chunk, edits=edits), chunk) for chunk in tokens.split(rows)])
 
 
 def weighted_attention(pattern: Tensor, weights: Tensor) -> Tensor:

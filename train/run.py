@@ -11,7 +11,7 @@ import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .build import build_datamodule, build_generator, build_model, probe_tokens, task_batch
 from .callbacks.checkpoint import FiniteGuard, ScheduledCheckpoint, last_checkpoint
@@ -20,6 +20,8 @@ from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
 from .config import validate
 from .errors import ConfigError, RunError
+from .interventions import Interventions
+from .interventions import parse as parse_interventions
 from .load import read_checkpoint
 from .module import InductionLM
 from .rundir import CONFIG, write_text
@@ -28,7 +30,7 @@ from .loggers import build_loggers, finish_loggers
 
 # What a resumed run must share with the run it continues: everything that decides its weights or the
 # meaning of its metric columns. Changing one of these starts a new run (a new directory), not a resume.
-RESUME_MUST_MATCH = ("model", "data", "optim", "probes", "seed", "compile", "trainer.precision",
+RESUME_MUST_MATCH = ("model", "data", "optim", "probes", "seed", "compile", "intervene", "trainer.precision",
                      "trainer.gradient_clip_val", "trainer.accumulate_grad_batches", "trainer.deterministic")
 # Keys that change how a run is computed or written, not what: a resumed run may set them anew.
 FREE_ON_RESUME = ("data.num_workers", "probes.background", "probes.flush_every_n_steps",
@@ -57,11 +59,12 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> Path:
     saved = OmegaConf.load(run_dir / CONFIG)
     for group in RESUME_MUST_MATCH:
         node = OmegaConf.select(cfg, group)
-        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+        node = OmegaConf.to_container(node, resolve=True) if isinstance(node, (DictConfig, ListConfig)) else node
         for key, value in leaves(node, group).items():
             if key in FREE_ON_RESUME:
                 continue
             old = OmegaConf.select(saved, key)
+            old = OmegaConf.to_container(old) if isinstance(old, ListConfig) else old
             if str(old) != str(value):
                 raise ConfigError(f"{key}={value}: the run being resumed used {old} (start a new run to change it)")
     return ckpt
@@ -85,7 +88,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     model = build_model(cfg)
     if cfg.compile:
         model = torch.compile(model)
-    module = InductionLM(model, OmegaConf.to_container(cfg.optim), cfg.trainer.max_steps)
+    interventions = Interventions(parse_interventions(cfg.intervene, cfg.model.n_layers, cfg.model.n_heads,
+                                                      cfg.trainer.max_steps))
+    module = InductionLM(model, OmegaConf.to_container(cfg.optim), cfg.trainer.max_steps, interventions)
     measure = Measure.of(run_dir, cfg.probes, cfg.model.n_ctx, probe_tokens(cfg, generator), datamodule.eval_tokens(),
                          task=generator, task_batch=task_batch(cfg, generator))
     # After the data is ready: bad data leaves no run directory behind.

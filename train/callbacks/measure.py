@@ -85,6 +85,8 @@ class Measure(L.Callback):
         extra = {"loss": outputs["loss"].detach(), "icl_score": probes.icl_score(module.last_token_losses, m.late, m.early)}
         if getattr(module, "last_grad_norm", None) is not None:
             extra["grad_norm"] = module.last_grad_norm  # before clipping
+        if module.interventions:  # how many acted on the step whose loss this row holds
+            extra["intervened"] = torch.tensor(float(module.last_intervened), device=module.device)
         due = self.cadence.at(step)
         row = Row(step, module.tokens_seen, extra, scored=due.scores)
         if due.scores or due.evaluate:
@@ -105,7 +107,7 @@ class Measure(L.Callback):
         evaluate = self.last_eval_step != step
         self.note(step, evaluate, circuits)
         row.measured.append(done(self.measurements(module.model, scores=False, evaluate=evaluate, circuits=circuits,
-                                                   token_losses=True)))
+                                                   token_losses=True, edits=self.edits(module, step))))
         self.flush()
 
     def on_train_end(self, trainer, module) -> None:
@@ -135,9 +137,16 @@ class Measure(L.Callback):
         if circuits:
             self.last_circuits_step = step
 
+    @staticmethod
+    def edits(module: L.LightningModule, step: int):
+        """The interventions of training step `step`: what is measured at it is the intervened model."""
+        return module.interventions.edits(step) if module.interventions else None
+
     def submit(self, module: L.LightningModule, **what: bool) -> Future:
         """Measure the model as it is now: in line, or in the worker on a copy of the weights."""
-        self.note(module.trainer.global_step, what.get("evaluate", False), what.get("circuits", False))
+        step = module.trainer.global_step
+        self.note(step, what.get("evaluate", False), what.get("circuits", False))
+        what = {**what, "edits": self.edits(module, step)}
         if self.worker is None:
             return done(self.measurements(module.model, **what))
         k = self.submitted % 2

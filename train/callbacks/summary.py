@@ -63,6 +63,8 @@ class RunSummary(L.Callback):
     def write(self, module, status: str, error: str | None = None) -> dict:
         m = self.cfg.model
         summary = {"status": status, **summarize(self.measure, self.cfg.probes, self.cfg.phase, m.n_layers, m.n_heads)}
+        if module.interventions:
+            summary["interventions"] = module.interventions.describe()
         summary["wall_time_s"] = round(time.time() - self.started, 1)
         summary["environment"] = environment(module.device)
         if module.environment_changes:
