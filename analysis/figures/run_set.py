@@ -73,7 +73,7 @@ def base_label(cfg: DictConfig) -> str:
 
 def _distinguish(runs: list[RunData]) -> None:
     """Make labels unique: add the config keys that differ within a group of equal labels."""
-    keys = (("model.n_heads", "{}h"), ("model.d_model", "d{}"), ("model.n_ctx", "ctx{}"),
+    keys = (("experiment_name", "{}"), ("model.n_heads", "{}h"), ("model.d_model", "d{}"), ("model.n_ctx", "ctx{}"),
             ("model.positional", "{}"), ("seed", "seed{}"), ("data.seed", "data{}"))
     groups: dict[str, list[RunData]] = {}
     for r in runs:
