@@ -97,10 +97,32 @@ def test_copying_score_known_answers():
     copy[..., 1] = 5.0  # raises token 1: what it attends to
     other = torch.zeros(1, 1, 3, 4)
     other[..., 3] = 5.0  # raises token 3: never attended
+    # One attended token of 4: a raise spread evenly would put 1/4 on it (chance).
     assert probes.copying_score(copy, pattern, tokens, unembed).item() == pytest.approx(1.0)
-    assert probes.copying_score(other, pattern, tokens, unembed).item() == pytest.approx(-1.0)
+    assert probes.copying_score(other, pattern, tokens, unembed).item() == pytest.approx((0 - 0.25) / 0.75)
     both = copy + other  # half the raise on the attended token
-    assert probes.copying_score(both, pattern, tokens, unembed).item() == pytest.approx(0.0, abs=1e-6)
+    assert probes.copying_score(both, pattern, tokens, unembed).item() == pytest.approx((0.5 - 0.25) / 0.75)
+    assert probes.copying_score(torch.zeros(1, 1, 3, 4), pattern, tokens, unembed).item() == 0.0  # raises nothing
+
+
+def test_copying_score_of_a_head_unrelated_to_its_attention_is_near_zero():
+    g = torch.Generator().manual_seed(0)
+    V, T, B = 64, 40, 16
+    tokens = torch.randint(0, V, (B, T), generator=g)
+    pattern = torch.rand(B, 1, T, T, generator=g).tril()
+    pattern = pattern / pattern.sum(-1, keepdim=True)
+    random_out = torch.randn(B, 1, T, V, generator=g)  # logits unrelated to what the head attends to
+    assert abs(probes.copying_score(random_out, pattern, tokens, torch.eye(V)).item()) < 0.05
+    # A head attending to one earlier position per query (as an induction head does) and raising that
+    # token, over a little noise: a copying head.
+    keys = (torch.rand(B, T, generator=g) * torch.arange(1, T + 1)).long()  # key <= query
+    sharp = torch.nn.functional.one_hot(keys, T).float()[:, None]  # [B, 1, T, T]
+    attended = torch.gather(tokens, 1, keys)
+    copying = 3 * torch.nn.functional.one_hot(attended, V).float()[:, None]
+    assert probes.copying_score(copying, sharp, tokens, torch.eye(V)).item() == pytest.approx(1.0)
+    # Noise over the other 63 tokens takes most of the raise (about 0.3 of it stays on the copied
+    # token), yet the score stays clearly above the unrelated head's 0.
+    assert probes.copying_score(copying + 0.3 * random_out, sharp, tokens, torch.eye(V)).item() > 0.2
 
 
 def test_evaluation_cadence_is_log_spaced_then_linear():

@@ -159,9 +159,12 @@ def k_composition_score(W_Q: Tensor, W_K: Tensor, W_V_prev: Tensor, W_O_prev: Te
 def copying_score(head_out: Tensor, pattern: Tensor, tokens: Tensor, unembed: Tensor) -> Tensor:
     """Olsson et al.'s copying score, from a forward pass on random tokens: each head's direct
     contribution to the residual stream, mapped through the unembedding `unembed [model, vocab]`; the
-    mean logit is subtracted and a ReLU applied (how much each token is raised); the score is the share
-    of that raise that goes to the tokens the head attends to, averaged over queries and rescaled from
-    [0, 1] to [-1, 1]. A head that copies what it attends to scores near 1.
+    mean logit is subtracted and a ReLU applied (how much each token is raised); `share` is the part of
+    that raise that goes to the tokens the head attends to. The score is `(share - chance) / (1 - chance)`
+    averaged over queries, where `chance` is the share a raise spread evenly over the vocabulary would
+    give: a head that copies what it attends to scores 1, one whose raise is unrelated to its attention
+    scores near 0 (a raw share, or its [-1, 1] rescaling, would read near -1 for such a head with a
+    large vocabulary), one that raises only tokens it does not attend to scores below 0.
 
     "Attended to" is weighted: each vocabulary token counts with its attention mass relative to the most
     attended token, so a head spreading attention evenly over several tokens and raising all of them
@@ -173,8 +176,10 @@ def copying_score(head_out: Tensor, pattern: Tensor, tokens: Tensor, unembed: Te
     index = tokens[:, None, None, :].expand_as(pattern)
     mass = torch.zeros_like(raise_).scatter_add_(-1, index, pattern)  # attention per vocab token
     weight = mass / mass.amax(-1, keepdim=True).clamp_min(1e-12)
-    share = (weight * raise_).sum(-1) / raise_.sum(-1).clamp_min(1e-12)  # [batch, head, query]
-    return 2 * share.mean(dim=(0, 2)) - 1
+    total = raise_.sum(-1)
+    chance = weight.mean(-1)  # [batch, head, query]
+    share = torch.where(total > 0, (weight * raise_).sum(-1) / total.clamp_min(1e-12), chance)
+    return ((share - chance) / (1 - chance).clamp_min(1e-12)).mean(dim=(0, 2))
 
 
 def direct_unembed(W_U: Tensor, ln_weight: Tensor | None = None) -> Tensor:
