@@ -33,6 +33,12 @@ class Run(RunDir):
     def out_dir(self) -> Path:
         return self.path / ANALYSIS
 
+    def tl_model(self, step: int, device: str = "cpu"):
+        """The model at a checkpoint step as a TransformerLens `HookedTransformer` (3.x)."""
+        from .transformerlens import to_hooked_transformer
+
+        return to_hooked_transformer(self.model(step), device)
+
     @cached_property
     def generator(self):
         return build_generator(self.cfg)

@@ -129,11 +129,20 @@ def load_hooked_transformer(path: str | Path, device: str = "cpu"):
 
     Its logits equal the harness model's (within float32 rounding). Needs `transformer-lens>=2.15,<4`.
     """
+    cfg, state = read_export(path)
+    return hooked_transformer(cfg, state, device, str(path))
+
+
+def to_hooked_transformer(model: AttentionOnlyTransformer, device: str = "cpu"):
+    """`model` as a TransformerLens `HookedTransformer`, without a file."""
+    return hooked_transformer(tl_config(model), tl_state_dict(model), device, "the model")
+
+
+def hooked_transformer(cfg: dict, state: dict[str, Tensor], device: str, what: str):
     try:
         from transformer_lens import HookedTransformer, HookedTransformerConfig
     except ImportError:
         raise ExportError("transformer-lens is not installed (pip install 'transformer-lens>=2.15,<4')") from None
-    cfg, state = read_export(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # 3.x points to TransformerBridge
         model = HookedTransformer(HookedTransformerConfig(**cfg, device=device))
@@ -141,6 +150,6 @@ def load_hooked_transformer(path: str | Path, device: str = "cpu"):
     buffers = {name for name, _ in model.named_buffers()}
     missing = [k for k in missing if k not in buffers]
     if missing or unexpected:
-        raise ExportError(f"{path}: weights do not fit TransformerLens' model "
+        raise ExportError(f"{what}: weights do not fit TransformerLens' model "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model.eval()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from functools import cached_property
 from pathlib import Path
+from typing import Iterator
 
 import pyarrow as pa
 import torch
@@ -116,11 +117,35 @@ class RunDir:
             raise RunError(f"{self.file('index')}: lists no checkpoint")
         return entries
 
-    def model(self, entry: dict) -> AttentionOnlyTransformer:
-        """The model of a checkpoint entry, in eval mode (cached)."""
+    @property
+    def steps(self) -> list[int]:
+        """The steps that have a checkpoint, oldest first."""
+        return [e["step"] for e in self.checkpoints]
+
+    def entry(self, step: int) -> dict:
+        for e in self.checkpoints:
+            if e["step"] == step:
+                return e
+        raise RunError(f"{self.file('index')}: no checkpoint at step {step} (have {', '.join(map(str, self.steps))})")
+
+    def model(self, step: int | dict) -> AttentionOnlyTransformer:
+        """The model at a checkpoint step (or index entry), in eval mode (kept for the next call)."""
+        entry = step if isinstance(step, dict) else self.entry(step)
         if entry["step"] not in self._models:
             self._models[entry["step"]] = load_model(entry["path"], self.cfg)
         return self._models[entry["step"]]
+
+    def models(self, steps: list[int] | None = None) -> Iterator[tuple[int, AttentionOnlyTransformer]]:
+        """`(step, model)` for every checkpoint (or `steps`), each loaded when reached and not kept."""
+        for step in self.steps if steps is None else steps:
+            yield step, load_model(self.entry(step)["path"], self.cfg)
+
+    def metrics(self, name: str):
+        """A metrics table as a pandas DataFrame (`train`, `heads`, `eval`, `eval_token_losses`)."""
+        table = self.table(name)
+        if table is None:
+            raise RunError(f"{self.file(name)}: not found (not written yet, or probes disabled)")
+        return table.to_pandas()
 
     def table(self, name: str) -> pa.Table | None:
         """A metrics table (`train`, `heads`, `eval`, `eval_token_losses`), or None if not written."""
