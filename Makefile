@@ -11,11 +11,13 @@ PYTEST_ARGS ?=
 
 setup: $(VENV)/.installed
 
+# PYTHONWARNINGS: setuptools notes, on every editable install, that a folder named like a package may
+# shadow it; train/ and analysis/ are the packages, so the note says nothing here.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q "$(TORCH_SPEC)"
-	$(BIN)/pip install -q -e ".[dev]"
+	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
 train: setup
