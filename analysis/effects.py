@@ -22,8 +22,11 @@ def token_losses(model: AttentionOnlyTransformer, tokens: Tensor, heads: Iterabl
                  means: Sequence[Tensor] | None = None) -> Tensor:
     """Per-token losses `[batch, pos - 1]` with `heads` ablated (none: the clean model)."""
     heads = list(heads)
-    logits = ablate(model, tokens, heads, method, means) if heads else model(tokens)
-    return probes.per_token_loss(logits, tokens)
+    if not heads:
+        return probes.eval_losses(model, tokens)
+    # In chunks, as the live evaluation: a large set and vocabulary never hold all their logits at once.
+    return probes.chunked_losses(lambda chunk: ablate(model, chunk, heads, method, means), tokens,
+                                 model.config.d_vocab)
 
 
 class Evaluator:

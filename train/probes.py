@@ -25,8 +25,13 @@ def eval_losses(model, tokens: Tensor, max_logits: int = 1 << 24, edits=None) ->
     """`per_token_loss` of `tokens [batch, pos]` in chunks of at most `max_logits` logits (64 MiB in
     fp32), so a large evaluation set with a large vocabulary never holds all its logits at once.
     `edits`: head edits of every forward pass (`train.model.HeadEdit`)."""
-    rows = max(1, max_logits // (tokens.shape[1] * model.config.d_vocab))
-    return torch.cat([per_token_loss(model(chunk, edits=edits), chunk) for chunk in tokens.split(rows)])
+    return chunked_losses(lambda chunk: model(chunk, edits=edits), tokens, model.config.d_vocab, max_logits)
+
+
+def chunked_losses(forward, tokens: Tensor, d_vocab: int, max_logits: int = 1 << 24) -> Tensor:
+    """`per_token_loss` of `forward(chunk)` over chunks of `tokens` of at most `max_logits` logits."""
+    rows = max(1, max_logits // (tokens.shape[1] * d_vocab))
+    return torch.cat([per_token_loss(forward(chunk), chunk) for chunk in tokens.split(rows)])
 
 
 def weighted_attention(pattern: Tensor, weights: Tensor) -> Tensor:
