@@ -33,7 +33,7 @@ ONE_KEY_CASES = {
     "pairs longer than the context": (["data=icl_classification", "data.n_pairs=32"],
                                       "data.n_pairs=32: needs 2 * n_pairs + 3 = 67 tokens"),
     "zero burstiness": (["data=icl_classification", "data.burstiness=0"],
-                        "data.burstiness=0: must divide data.n_pairs=8"),
+                        "data.burstiness=0: must be at least 1"),
     "burstiness not dividing pairs": (["data=icl_classification", "data.burstiness=3"],
                                       "data.burstiness=3: must divide data.n_pairs=8"),
     "labels fewer than context classes": (["data=icl_classification", "data.n_labels=3"],

@@ -324,7 +324,8 @@ def validate_icl_task(d: DictConfig, m: DictConfig) -> None:
         _require(2 * d.n_pairs + 3 <= m.n_ctx, "data.n_pairs", d.n_pairs,
                  f"needs 2 * n_pairs + 3 = {2 * d.n_pairs + 3} tokens (BOS, pairs, query, label); "
                  f"model.n_ctx={m.n_ctx}")
-        _require(d.burstiness >= 1 and d.n_pairs % d.burstiness == 0, "data.burstiness", d.burstiness,
+        _require(d.burstiness >= 1, "data.burstiness", d.burstiness, "must be at least 1")
+        _require(d.n_pairs % d.burstiness == 0, "data.burstiness", d.burstiness,
                  f"must divide data.n_pairs={d.n_pairs}")
         classes = d.n_pairs // d.burstiness
         _require(d.n_labels >= max(2, classes + 2), "data.n_labels", d.n_labels,
