@@ -118,3 +118,14 @@ def test_flat_curve_with_missing_values_has_no_window():
     sparse[[5, 30, 50]] = [-0.2, -1.0, -1.4]
     assert detect_phase_change(steps, tokens, sparse, **phase_defaults()) is None
     assert detect_phase_change(steps, tokens, np.full(len(steps), np.nan), **phase_defaults()) is None
+
+
+def test_rows_in_any_order_give_the_same_window():
+    from train.phase import detect_phase_change
+
+    steps = np.arange(1, 2001, 10)
+    icl = -1.0 / (1 + np.exp(-(np.log(steps) - np.log(400)) * 6))
+    ordered = detect_phase_change(steps, steps * 100, icl)
+    shuffled = np.random.default_rng(0).permutation(len(steps))
+    assert ordered is not None
+    assert detect_phase_change(steps[shuffled], steps[shuffled] * 100, icl[shuffled]) == ordered

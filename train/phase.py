@@ -38,7 +38,8 @@ def detect_phase_change(
     keep = (tokens > 0) & np.isfinite(icl) & (steps >= min_step)
     if keep.sum() < 5:
         return None
-    steps, x, y = steps[keep], np.log(tokens[keep]), icl[keep]
+    order = np.argsort(tokens[keep], kind="stable")  # rows may come in any order (merged tables)
+    steps, x, y = steps[keep][order], np.log(tokens[keep][order]), icl[keep][order]
     grid = np.linspace(x[0], x[-1], 400)
     dx = grid[1] - grid[0]
     if dx <= 0:
