@@ -71,6 +71,32 @@ def test_frozen_pattern_is_taken_once_from_the_first_training_batch():
     torch.testing.assert_close(later[1][:, 2], recorded.expand(5, T, T), rtol=0, atol=0)
 
 
+def test_freeze_holds_a_heads_weights_through_adamw_steps():
+    """In process: weight decay and momentum from earlier steps would move the head; it stays put."""
+    model, tokens = model_and_tokens()
+    model.train()
+    ivs = interventions({"heads": ["L1H2"], "kind": "freeze", "from_step": 2, "to_step": 5})
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    attn = model.blocks[1].attn
+    snapshots = {}
+    for step in range(7):
+        ivs.hold_frozen(model, step, before_update=True)
+        loss = model(tokens).logsumexp(-1).mean()
+        opt.zero_grad()
+        loss.backward()
+        ivs.zero_frozen_grads(model, step)
+        if 2 <= step < 5:
+            assert attn.W_Q.grad[2].abs().sum() == 0 and attn.W_Q.grad[1].abs().sum() > 0
+        opt.step()
+        ivs.hold_frozen(model, step, before_update=False)
+        snapshots[step] = {name: getattr(attn, name).detach().clone() for name in ("W_Q", "W_V", "W_O", "b_K")}
+    for name in ("W_Q", "W_V", "W_O", "b_K"):
+        assert torch.equal(snapshots[1][name][2], snapshots[4][name][2])  # held from step 2 to 4
+        assert not torch.equal(snapshots[1][name][0], snapshots[4][name][0])  # the others train
+        assert not torch.equal(snapshots[4][name][2], snapshots[6][name][2])  # released at 5
+
+
+@pytest.mark.slow
 def test_freeze_keeps_the_heads_weights_bit_identical_and_only_them(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_train(*SHORT, "trainer.max_steps=16", "checkpoint.every_n_steps=0",
@@ -87,6 +113,7 @@ def test_freeze_keeps_the_heads_weights_bit_identical_and_only_them(tmp_path):
     assert summary["interventions"] == [{"kind": "freeze", "heads": ["L0H1"], "from_step": 2, "to_step": 8}]
 
 
+@pytest.mark.slow
 def test_resume_inside_an_interval_is_bit_identical(tmp_path):
     """Every interval runs to the end (`to_step` null), so the 30-step run's intervals are the 60-step run's
     cut at step 30; the frozen pattern and the frozen weights, taken at step 20, come back from the
