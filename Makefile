@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup train test test-all bench figures clean
+.PHONY: setup train test test-all test-tl3 bench figures clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,14 @@ test: setup
 test-all: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
+# The TransformerLens 3.x path (HookedTransformer export and loading) in an environment of its own.
+test-tl3:
+	test -x .venv-tl3/bin/python || $(PYTHON) -m venv .venv-tl3
+	.venv-tl3/bin/pip install -q --upgrade pip
+	.venv-tl3/bin/pip install -q "$(TORCH_SPEC)"
+	PYTHONWARNINGS="ignore:Editable installation" .venv-tl3/bin/pip install -q -e ".[tl3]" pytest
+	.venv-tl3/bin/python -m pytest -q tests/test_export_tl.py tests/test_circuits.py $(PYTEST_ARGS)
+
 # Figures of the newest run (or sweep) under runs/quickstart/ into figures/; ARGS go to the command,
 # e.g. `make figures ARGS="--only icl_score,pca"`.
 figures: setup
@@ -43,4 +51,4 @@ bench: setup
 	$(BIN)/python scripts/bench.py $(ARGS)
 
 clean:
-	rm -rf $(VENV) runs outputs
+	rm -rf $(VENV) .venv-tl3 runs outputs

@@ -6,7 +6,7 @@
     run.metrics("heads")            # per-step, per-head scores as a DataFrame (also "train", "eval")
     for step, model in run.models():  # every checkpoint's model, loaded lazily
         ...
-    run.tl_model(run.steps[-1])     # as a TransformerLens HookedTransformer
+    run.tl_model(run.steps[-1])     # in TransformerLens: a 4.x TransformerBridge (3.x: HookedTransformer)
 
 On the command line: `python -m analysis --help`.
 """

@@ -34,10 +34,11 @@ class Run(RunDir):
         return self.path / ANALYSIS
 
     def tl_model(self, step: int, device: str = "cpu"):
-        """The model at a checkpoint step as a TransformerLens `HookedTransformer` (3.x)."""
-        from .transformerlens import to_hooked_transformer
+        """The model at a checkpoint step in the installed TransformerLens: a 4.x `TransformerBridge` or a
+        3.x `HookedTransformer`."""
+        from .transformerlens import to_transformer_lens
 
-        return to_hooked_transformer(self.model(step), device)
+        return to_transformer_lens(self.model(step), device)
 
     @cached_property
     def generator(self):

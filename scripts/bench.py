@@ -166,24 +166,11 @@ def run_harness(cfg, device, clock) -> dict:
 
 
 def lens_model(cfg, ours, device):
-    """Our model as a TransformerLens HookedTransformer with the same weights."""
-    from transformer_lens import HookedTransformer, HookedTransformerConfig
+    """Our model in the installed TransformerLens (a 4.x TransformerBridge or a 3.x HookedTransformer),
+    with the same weights, to train."""
+    from analysis.transformerlens import to_transformer_lens
 
-    s = ours.config
-    lens = HookedTransformer(HookedTransformerConfig(
-        n_layers=s.n_layers, d_model=s.d_model, d_head=s.d_head, n_heads=s.n_heads, n_ctx=s.n_ctx,
-        d_vocab=s.d_vocab, attn_only=True, positional_embedding_type="shortformer", normalization_type="LN",
-        act_fn=None, seed=cfg.seed, device=str(device)))
-    weights = {"embed.W_E": ours.W_E, "pos_embed.W_pos": ours.W_pos, "unembed.W_U": ours.W_U,
-               "unembed.b_U": ours.b_U, "ln_final.w": ours.ln_final.weight, "ln_final.b": ours.ln_final.bias}
-    for layer, block in enumerate(ours.blocks):
-        weights[f"blocks.{layer}.ln1.w"], weights[f"blocks.{layer}.ln1.b"] = block.ln1.weight, block.ln1.bias
-        for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
-            weights[f"blocks.{layer}.attn.{name}"] = getattr(block.attn, name)
-    missing = set(dict(lens.named_parameters())) - set(weights)
-    assert not missing, f"TransformerLens parameters without a counterpart: {missing}"
-    lens.load_state_dict({k: v.detach() for k, v in weights.items()}, strict=False)
-    return lens
+    return to_transformer_lens(ours, str(device)).train().requires_grad_(True)
 
 
 def run_lens(cfg, device, clock) -> dict:

@@ -103,19 +103,12 @@ def test_eigen_scores_known_answers():
 
 
 def test_agrees_with_transformer_lens(setup):
-    tl = pytest.importorskip("transformer_lens")
+    """Our scores of TransformerLens' own patterns (the installed version: 4.x bridge or 3.x) equal ours."""
+    pytest.importorskip("transformer_lens")
+    from analysis.transformerlens import to_transformer_lens
+
     model, tokens, logits, patterns = setup
-    s = model.config
-    cfg = tl.HookedTransformerConfig(n_layers=s.n_layers, d_model=s.d_model, d_head=s.d_head, n_heads=s.n_heads,
-                                     n_ctx=s.n_ctx, d_vocab=s.d_vocab, attn_only=True, normalization_type=None,
-                                     positional_embedding_type="shortformer", act_fn="relu")
-    ht = tl.HookedTransformer(cfg)
-    state = {"embed.W_E": model.W_E, "pos_embed.W_pos": model.W_pos, "unembed.W_U": model.W_U,
-             "unembed.b_U": model.b_U}
-    for l, b in enumerate(model.blocks):
-        for name in ("W_Q", "W_K", "W_V", "W_O", "b_Q", "b_K", "b_V", "b_O"):
-            state[f"blocks.{l}.attn.{name}"] = getattr(b.attn, name)
-    ht.load_state_dict(state, strict=False)
+    ht = to_transformer_lens(model)
     tl_logits, cache = ht.run_with_cache(tokens)
     torch.testing.assert_close(tl_logits, logits, atol=1e-4, rtol=1e-4)
     for l in range(2):

@@ -10,7 +10,9 @@ def test_run_api_reads_checkpoints_metrics_and_models(quickstart_run):
     from analysis import Run
 
     run = Run(quickstart_run)
-    assert run.steps == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 500, 512, 1000]
+    assert run.steps == [e["step"] for e in run.checkpoints]
+    assert [e["step"] for e in run.checkpoints if not e.get("dense")] == [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 500,
+                                                                          512, 1000]
     heads = run.metrics("heads")
     assert {"step", "layer", "head", "previous_token", "prefix_matching"} <= set(heads.columns)
     assert heads.step.max() == 1000 and len(heads[heads.step == 1000]) == 2 * 4

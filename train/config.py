@@ -185,6 +185,14 @@ class CheckpointConfig:
     log_spaced: bool = True  # steps 0, 1, 2, 4, 8, ... (Pythia)
     every_n_steps: int = 500  # plus every this many steps; 0 disables the linear schedule
     save_last: bool = True  # also at the final step
+    # Dense checkpoints through the phase change: the evaluations so far are watched with the summary's
+    # detector (phase.*); from when a window that reaches the newest of them has fallen by
+    # dense_start_fraction * phase.min_drop until a later evaluation shows it over, a checkpoint every
+    # dense_every_n_steps (at most dense_max of them in a run).
+    dense: bool = True
+    dense_every_n_steps: int = 20
+    dense_start_fraction: float = 0.5
+    dense_max: int = 100
 
 
 @dataclass
@@ -303,6 +311,11 @@ def validate(cfg: DictConfig) -> None:
     parse(cfg.intervene, m.n_layers, m.n_heads, t.max_steps)
     _require(cfg.checkpoint.every_n_steps >= 0, "checkpoint.every_n_steps", cfg.checkpoint.every_n_steps,
              "must be 0 (off) or more")
+    c = cfg.checkpoint
+    _require(c.dense_every_n_steps >= 1, "checkpoint.dense_every_n_steps", c.dense_every_n_steps, "must be at least 1")
+    _require(0 < c.dense_start_fraction <= 1, "checkpoint.dense_start_fraction", c.dense_start_fraction,
+             "must be in (0, 1]")
+    _require(c.dense_max >= 0, "checkpoint.dense_max", c.dense_max, "must be 0 (none) or more")
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",
              cfg.logger.wandb.mode, "expected offline, online or disabled")
     _require(cfg.logger.wandb.init_timeout > 0, "logger.wandb.init_timeout", cfg.logger.wandb.init_timeout,

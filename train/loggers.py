@@ -4,6 +4,8 @@ truth; loggers are views of it."""
 from __future__ import annotations
 
 import logging
+import secrets
+import string
 import sys
 from pathlib import Path
 
@@ -43,11 +45,14 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         # One W&B run per run directory: a resumed run continues the same W&B run.
         id_file = run_dir / WANDB_ID
         run_id = read_json(id_file)["id"] if id_file.exists() else None
+        # Chosen here, not by wandb: an offline run has no id until its first log, and the id file must
+        # name it from the start (a resumed run, and `analysis llc`, log into the same W&B run).
+        run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
         group, name, tags = job_identity(cfg, run_dir)
         def make(mode: str) -> WandbLogger:
             logger = WandbLogger(
                 project=w.project, entity=w.entity, group=group, name=name, tags=tags, save_dir=str(run_dir),
-                id=run_id, resume="allow" if run_id else None,
+                id=run_id, resume="allow",
                 # `mode` goes straight to wandb.init: Lightning's `offline=True` would set WANDB_MODE for
                 # the whole process and leak into later jobs of a sweep.
                 mode=mode, config=OmegaConf.to_container(cfg, resolve=True),
@@ -71,7 +76,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
                     wandb.finish()
                 logger = make("offline")
         if rank_zero_only.rank == 0:
-            write_json(id_file, {"id": logger.version})
+            write_json(id_file, {"id": run_id})
         loggers.append(logger)
     if cfg.logger.csv:
         loggers.append(CSVLogger(save_dir=str(run_dir), name="csv", version=""))

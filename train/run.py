@@ -100,7 +100,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     callbacks: list[L.Callback] = [guard, measure]
     c = cfg.checkpoint
     if c.enabled:
-        callbacks.append(ScheduledCheckpoint(run_dir, measure, c.log_spaced, c.every_n_steps, c.save_last, guard))
+        callbacks.append(ScheduledCheckpoint.of(run_dir, measure, c, cfg.phase, guard))
     summary = RunSummary(run_dir, measure, cfg)
     callbacks.append(summary)
     if cfg.trainer.enable_progress_bar:

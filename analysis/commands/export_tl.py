@@ -1,7 +1,9 @@
-"""Export a checkpoint as a TransformerLens `HookedTransformer` file (see `analysis.transformerlens`).
+"""Export a checkpoint for TransformerLens (see `analysis.transformerlens`).
 
 CHECKPOINT is a `.ckpt` file inside a run directory (its config is read from the run), or a run
-directory (its last checkpoint). Load the result with `analysis.transformerlens.load_hooked_transformer`.
+directory (its last checkpoint). Load the result with `analysis.transformerlens.load(path)`: a
+TransformerLens 4.x `TransformerBridge` (every scheme) or, with 3.x installed, a `HookedTransformer`
+(the schemes 3.x has).
 """
 
 from __future__ import annotations
@@ -38,4 +40,4 @@ def run(args) -> None:
         out = export(load_model(path, r.cfg), args.out)
     except ExportError as e:
         raise ExportError(f"{path}: {e}") from None
-    print(f"wrote {out} (from {path}); load it with analysis.transformerlens.load_hooked_transformer")
+    print(f"wrote {out} (from {path}); load it with analysis.transformerlens.load({str(out)!r})")

@@ -1,4 +1,5 @@
-"""Checkpoints on a log-spaced plus linear schedule, every one kept, listed in an index.
+"""Checkpoints on a log-spaced plus linear schedule, and densely through the phase change (PhaseWatch),
+every one kept, listed in an index.
 
 Lightning writes the checkpoint (model, optimizer, LR schedule, loops, the data stream's position,
 callbacks); we choose the steps and make each file appear atomically.
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -15,6 +17,7 @@ import torch
 from ..errors import NonFiniteLoss
 from ..rundir import CHECKPOINTS, INDEX, named, read_json, write_json
 from .measure import Measure
+from .phase_watch import PhaseWatch
 
 
 def is_scheduled(step: int, log_spaced: bool, every_n_steps: int) -> bool:
@@ -85,12 +88,29 @@ class FiniteGuard(L.Callback):
 
 class ScheduledCheckpoint(L.Callback):
     def __init__(self, run_dir: Path, measure: Measure, log_spaced: bool, every_n_steps: int, save_last: bool,
-                 guard: FiniteGuard | None = None):
+                 guard: FiniteGuard | None = None, watch: PhaseWatch | None = None):
         self.run_dir = Path(run_dir)
         self.measure = measure
         self.guard = guard
+        self.watch = watch
         self.log_spaced, self.every_n_steps, self.save_last = log_spaced, every_n_steps, save_last
         self.last_saved = -1
+
+    @classmethod
+    def of(cls, run_dir: Path, measure: Measure, checkpoint_cfg: Any, phase_cfg: Any,
+           guard: FiniteGuard | None = None) -> "ScheduledCheckpoint":
+        """The callback of a run's `checkpoint` config."""
+        c = checkpoint_cfg
+        watch = (PhaseWatch(measure, phase_cfg, c.dense_every_n_steps, c.dense_start_fraction, c.dense_max)
+                 if c.dense and c.dense_max > 0 else None)
+        return cls(run_dir, measure, c.log_spaced, c.every_n_steps, c.save_last, guard, watch)
+
+    def state_dict(self) -> dict:
+        return {"watch": self.watch.state_dict()} if self.watch is not None else {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if self.watch is not None and "watch" in state_dict:
+            self.watch.load_state_dict(state_dict["watch"])
 
     def on_train_start(self, trainer, module) -> None:
         self.last_saved = trainer.global_step if trainer.global_step > 0 else -1
@@ -98,14 +118,20 @@ class ScheduledCheckpoint(L.Callback):
             self.save(trainer, module)
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        if is_scheduled(trainer.global_step, self.log_spaced, self.every_n_steps):
+        step = trainer.global_step
+        if self.watch is not None:
+            self.watch.update(step)
+        if is_scheduled(step, self.log_spaced, self.every_n_steps):
             self.save(trainer, module)
+        elif self.watch is not None and self.watch.due(step):
+            self.watch.saved()
+            self.save(trainer, module, dense=True)
 
     def on_train_end(self, trainer, module) -> None:
         if self.save_last and self.last_saved != trainer.global_step:
             self.save(trainer, module)
 
-    def save(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+    def save(self, trainer: L.Trainer, module: L.LightningModule, dense: bool = False) -> None:
         step = trainer.global_step
         if self.guard is not None:
             self.guard.check()  # never a checkpoint of a model that a NaN has reached
@@ -129,6 +155,6 @@ class ScheduledCheckpoint(L.Callback):
             index_path = self.run_dir / INDEX
             entries = read_json(index_path)["checkpoints"] if index_path.exists() else []
             entries = [e for e in entries if e["step"] < step]
-            entries.append({"step": step, "tokens": module.tokens_seen, "file": name})
+            entries.append({"step": step, "tokens": module.tokens_seen, "file": name} | ({"dense": True} if dense else {}))
             write_json(index_path, {"checkpoints": entries})
         self.last_saved = step

@@ -47,6 +47,11 @@ class Measure(L.Callback):
         self.submitted = 0
         self.last_job: Future | None = None  # the worker's newest job: it runs them in order
         self.flush_job: Future | None = None  # the newest write of rows in the worker
+        # The evaluation set's ICL score so far, kept when a PhaseWatch reads it (`watch_icl`): (step,
+        # tokens, value), and the evaluations still being measured as (step, tokens, future).
+        self.watch_icl = False
+        self.icl_points: list[tuple[int, int, float]] = []
+        self.icl_pending: list[tuple[int, int, Future]] = []
 
     @classmethod
     def of(cls, run_dir: Path, probes_cfg: Any, n_ctx: int, probe_tokens: torch.Tensor, eval_tokens: torch.Tensor,
@@ -70,6 +75,8 @@ class Measure(L.Callback):
             self.live_params = list(live.parameters())
             self.worker = ThreadPoolExecutor(1, thread_name_prefix="measure")
         self.sink.load(up_to_step=step)
+        ev = self.sink.columns("eval")
+        self.icl_points = list(zip(ev.get("step", []), ev.get("tokens", []), ev.get("icl_score", [])))
         if step == 0:
             enabled = self.cadence.enabled
             row = Row(step, module.tokens_seen, {}, scored=enabled)
@@ -106,8 +113,11 @@ class Measure(L.Callback):
         circuits = row.scored and self.last_circuits_step != step
         evaluate = self.last_eval_step != step
         self.note(step, evaluate, circuits)
-        row.measured.append(done(self.measurements(module.model, scores=False, evaluate=evaluate, circuits=circuits,
-                                                   token_losses=True, edits=self.edits(module, step))))
+        values = done(self.measurements(module.model, scores=False, evaluate=evaluate, circuits=circuits,
+                                        token_losses=True, edits=self.edits(module, step)))
+        if evaluate and self.watch_icl:
+            self.icl_pending.append((step, module.tokens_seen, values))
+        row.measured.append(values)
         self.flush()
 
     def on_train_end(self, trainer, module) -> None:
@@ -130,6 +140,21 @@ class Measure(L.Callback):
             self.worker, self.shadows, self.shadow_params, self.live_params = None, [], [], []
             self.jobs, self.last_job, self.flush_job = [None, None], None, None
 
+    def icl_curve(self, through_step: int) -> tuple[list[int], list[int], list[float]]:
+        """Steps, tokens and ICL scores of the evaluations up to `through_step` (waiting for those still
+        being measured; a failed one is left out here and raised by the flush)."""
+        waiting = [job for s, _, job in self.icl_pending if s <= through_step]
+        wait(waiting)
+        still = []
+        for s, tokens, job in self.icl_pending:
+            if s > through_step:
+                still.append((s, tokens, job))
+            elif job.exception() is None:
+                self.icl_points.append((s, tokens, float(job.result()["eval/icl_score"])))
+        self.icl_pending = still
+        points = sorted(p for p in self.icl_points if p[0] <= through_step)
+        return [p[0] for p in points], [p[1] for p in points], [p[2] for p in points]
+
     # --- scheduling ------------------------------------------------------------------------------
     def note(self, step: int, evaluate: bool, circuits: bool) -> None:
         if evaluate:
@@ -148,7 +173,14 @@ class Measure(L.Callback):
         self.note(step, what.get("evaluate", False), what.get("circuits", False))
         what = {**what, "edits": self.edits(module, step)}
         if self.worker is None:
-            return done(self.measurements(module.model, **what))
+            job = done(self.measurements(module.model, **what))
+        else:
+            job = self.submit_background(what)
+        if what.get("evaluate", False) and self.watch_icl:
+            self.icl_pending.append((step, module.tokens_seen, job))
+        return job
+
+    def submit_background(self, what: dict) -> Future:
         k = self.submitted % 2
         self.submitted += 1
         if self.jobs[k] is not None:

@@ -13,7 +13,7 @@ BOS = 0
 
 def batch_rng(seed: int, index: int, stream: str = "train") -> np.random.Generator:
     """An independent generator for batch `index` of the named stream."""
-    salt = {"train": 0, "eval": 1, "probe": 2}.get(stream, 3)
+    salt = {"train": 0, "eval": 1, "probe": 2, "llc": 4}.get(stream, 3)
     return np.random.default_rng([seed, salt, index])
 
 
