@@ -3,9 +3,9 @@ detector, a run holds them inside its window, and a resumed run makes the same o
 
 import json
 import math
-from types import SimpleNamespace
 
 import pyarrow.parquet as pq
+import pytest
 
 from tests.conftest import run_train
 from tests.test_resume import assert_same_run
@@ -77,6 +77,7 @@ DENSE = ["logger=none", "checkpoint.every_n_steps=0", "probes.flush_every_n_step
          "phase.min_drop=0.2", "checkpoint.dense_every_n_steps=5"]  # the early in-context-frequency fall
 
 
+@pytest.mark.slow
 def test_resume_makes_the_same_dense_checkpoints(tmp_path):
     full, half = tmp_path / "full", tmp_path / "half"
     assert run_train(*DENSE, "trainer.max_steps=160", run_dir=full).returncode == 0

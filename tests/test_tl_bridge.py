@@ -18,8 +18,10 @@ from analysis.transformerlens import ExportError, export, spec_of, tl_state_dict
 from train.model import AttentionOnlyTransformer, HeadEdit, ModelConfig  # noqa: E402
 
 SPEC = dict(n_layers=2, n_heads=2, d_model=32, d_vocab=64, n_ctx=32)
-SCHEMES = [dict(positional=p, layernorm=n, d_mlp=m)
-           for p, n, m in itertools.product(["shortformer", "learned", "rotary", "none"], ["pre", "final", "none"], [0, 24])]
+SCHEMES = [dict(positional=p, layernorm=n)
+           for p, n in itertools.product(["shortformer", "learned", "rotary", "none"], ["pre", "final", "none"])]
+SCHEMES += [dict(positional=p, layernorm=n, d_mlp=24) for p, n in (("shortformer", "pre"), ("rotary", "final"),
+                                                                   ("learned", "none"))]
 SCHEMES += [dict(positional="shortformer", position_layers=1), dict(positional="rotary", position_layers=1),
             dict(positional="shortformer", smeared_key=True), dict(positional="rotary", smeared_key=True, d_mlp=24),
             dict(n_layers=3, positional="shortformer", position_layers=2, smeared_key=True, layernorm="final")]

@@ -36,6 +36,10 @@ def job_identity(cfg: DictConfig, run_dir: Path) -> tuple[str | None, str, list[
     return group, name, tags
 
 
+def new_run_id() -> str:
+    return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+
+
 def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
     loggers: list[Logger] = []
     w = cfg.logger.wandb
@@ -47,7 +51,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
         run_id = read_json(id_file)["id"] if id_file.exists() else None
         # Chosen here, not by wandb: an offline run has no id until its first log, and the id file must
         # name it from the start (a resumed run, and `analysis llc`, log into the same W&B run).
-        run_id = run_id or "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        run_id = run_id or new_run_id()
         group, name, tags = job_identity(cfg, run_dir)
         def make(mode: str) -> WandbLogger:
             logger = WandbLogger(
@@ -74,6 +78,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
                       file=sys.stderr)
                 if wandb.run is not None:
                     wandb.finish()
+                run_id = new_run_id()  # the failed online attempt keeps its id taken in this process
                 logger = make("offline")
         if rank_zero_only.rank == 0:
             write_json(id_file, {"id": run_id})
