@@ -1,5 +1,7 @@
 """The default config composes and validates. Bad values, keys and types: tests/test_bad_inputs.py."""
 
+from pathlib import Path
+
 from train.config import validate
 
 
@@ -9,3 +11,16 @@ def test_default_config_composes_and_validates(compose_cfg):
     assert cfg.experiment_name == "quickstart"
     assert cfg.model.d_vocab == cfg.data.d_vocab  # taken from the data
     assert cfg.model.positional.value == "shortformer"
+
+
+def test_every_experiment_composes_and_validates(compose_cfg):
+    from tests.conftest import CONF
+
+    names = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
+    assert {"quickstart", "olsson_text", "olsson_text_fast"} <= set(names)
+    for name in names:
+        cfg = compose_cfg(f"experiment={name}")
+        validate(cfg)
+        assert cfg.experiment_name == name, name
+    fast = compose_cfg("experiment=olsson_text_fast")
+    assert fast.model.embed_std == 1.0 and fast.trainer.max_steps == 4000 and fast.model.position_layers == 1
