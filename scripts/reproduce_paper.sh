@@ -3,7 +3,7 @@
 #   attention-only 1-3 layers, smeared key 1-2 layers, with MLPs 1-2 layers (each at the quickstart
 #   settings: conf/experiment/quickstart.yaml), per-head ablations of every run, `python -m analysis figures`.
 #
-#   scripts/reproduce_paper.sh                     # into runs/paper/<date>_<time>/ (13 min on a 2-core CPU)
+#   scripts/reproduce_paper.sh                     # into runs/paper/<date>_<time>/ (11 min on one CPU core)
 #   scripts/reproduce_paper.sh OUT_DIR [OVERRIDES]  # e.g. OUT_DIR trainer=gpu logger=none
 #   scripts/reproduce_paper.sh --text [OUT_DIR [OVERRIDES]]  # the same from real text: olsson_text_1l,
 #       olsson_text, olsson_text_3l and olsson_text_smeared, ablations of the 2-layer run's checkpoints

@@ -65,6 +65,7 @@ def test_bad_settings_are_one_line_errors(quickstart_run, capsys, args, message)
     assert message in err and len(err.splitlines()) == 1, err
 
 
+@pytest.mark.slow
 def test_llc_goes_to_the_runs_wandb_run(tmp_path):
     run = tmp_path / "wb"
     proc = run_train("trainer.max_steps=20", run_dir=run, timeout=300)
