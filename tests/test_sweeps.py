@@ -74,7 +74,9 @@ def test_sweep_summary_on_demand(tmp_path):
 def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "train", f"hydra.run.dir={run}", "trainer=ddp", "trainer.accelerator=cpu",
-           "trainer.devices=2", "trainer.max_steps=12", "checkpoint.every_n_steps=6", "trainer.enable_progress_bar=false"]
+           "trainer.devices=2", "trainer.max_steps=12", "checkpoint.every_n_steps=6", "trainer.enable_progress_bar=false",
+           # dense checkpoints on the first steps' small ICL fall: rank 0 decides, every rank saves them
+           "probes.eval_every_n_steps=1", "phase.min_drop=0.005", "checkpoint.dense_every_n_steps=1"]
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert len(list(run.glob("wandb/offline-run-*"))) == 1
@@ -86,3 +88,5 @@ def test_ddp_on_two_cpu_processes_writes_one_run(tmp_path):
     assert s["tokens"] == 12 * 2 * 32 * 64  # both ranks' batches count
     train = pq.read_table(run / "metrics" / "train.parquet").to_pandas()
     assert train.step.tolist() == list(range(13))
+    index = json.loads((run / "checkpoints" / "index.json").read_text())["checkpoints"]
+    assert any(e.get("dense") for e in index), index

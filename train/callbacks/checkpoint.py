@@ -121,6 +121,9 @@ class ScheduledCheckpoint(L.Callback):
         step = trainer.global_step
         if self.watch is not None:
             self.watch.update(step)
+            if trainer.world_size > 1 and self.measure.cadence.at(step).evaluate:
+                # Rank 0 measures and decides; every rank must save the same checkpoints (a collective).
+                self.watch.active = bool(trainer.strategy.broadcast(self.watch.active, src=0))
         if is_scheduled(step, self.log_spaced, self.every_n_steps):
             self.save(trainer, module)
         elif self.watch is not None and self.watch.due(step):
