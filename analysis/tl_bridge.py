@@ -36,20 +36,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .transformerlens import checked_spec, read_export, spec_of, tl_state_dict
+from train.model import rotary_tables
+
+from .transformerlens import ROTARY_BASE, checked_spec, read_export, spec_of, tl_state_dict
 from .transformerlens import ExportError
 
 ARCHITECTURE = "InductionHarnessTransformer"
-ROTARY_BASE = 10000.0
 EPS = 1e-5
-
-
-def _halves_tables(n_ctx: int, d_head: int) -> tuple[Tensor, Tensor]:
-    """cos/sin `[n_ctx, d_head]`, GPT-NeoX halves layout: `train.model.rotary_tables`."""
-    freqs = ROTARY_BASE ** (-torch.arange(0, d_head, 2, dtype=torch.float32) / d_head)
-    angles = torch.arange(n_ctx, dtype=torch.float32)[:, None] * freqs[None, :]
-    angles = torch.cat([angles, angles], dim=-1)
-    return angles.cos(), angles.sin()
 
 
 class HalvesRotary(nn.Module):
@@ -61,7 +54,7 @@ class HalvesRotary(nn.Module):
 
     def __init__(self, n_ctx: int, d_head: int):
         super().__init__()
-        cos, sin = _halves_tables(n_ctx, d_head)
+        cos, sin = rotary_tables(n_ctx, d_head, ROTARY_BASE)
         self.register_buffer("cos_cached", cos, persistent=False)
         self.register_buffer("sin_cached", sin, persistent=False)
 
