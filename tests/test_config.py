@@ -17,10 +17,10 @@ def test_every_experiment_composes_and_validates(compose_cfg):
     from tests.conftest import CONF
 
     names = sorted(p.stem for p in (Path(CONF) / "experiment").glob("*.yaml"))
-    assert {"quickstart", "olsson_text", "olsson_text_fast"} <= set(names)
+    assert {"quickstart", "olsson_text", "olsson_text_1l"} <= set(names)
     for name in names:
         cfg = compose_cfg(f"experiment={name}")
         validate(cfg)
         assert cfg.experiment_name == name, name
-    fast = compose_cfg("experiment=olsson_text_fast")
-    assert fast.model.embed_std == 1.0 and fast.trainer.max_steps == 4000 and fast.model.position_layers == 1
+    text = compose_cfg("experiment=olsson_text")
+    assert text.model.embed_std == 1.0 and text.trainer.max_steps == 4000 and text.model.position_layers == 1
