@@ -123,9 +123,30 @@ class Run(RunDir):
         return table
 
 
-def open_run(path: str | Path) -> Run:
-    """Open a run directory; AnalysisError (naming the missing file) if it is not one."""
+def member_path(path: str | Path, member: int | None) -> Path:
+    """`path` itself, or member `member` of the ensemble (`python -m train seeds=N`) at `path`."""
+    from omegaconf import OmegaConf
+
+    from train.ensemble_summary import is_ensemble, member_dir
+    from train.rundir import CONFIG
+
     path = Path(path)
+    if not is_ensemble(path):
+        if member is not None:
+            raise AnalysisError(f"--member {member}: {path} is a single run, not an ensemble (seeds=N)")
+        return path
+    n = int(OmegaConf.load(path / CONFIG).seeds)
+    if member is None:
+        raise AnalysisError(f"{path}: an ensemble of {n} seeds: choose one with --member K (0-{n - 1})")
+    if not 0 <= member < n:
+        raise AnalysisError(f"--member {member}: {path} has members 0-{n - 1}")
+    return member_dir(path, member)
+
+
+def open_run(path: str | Path, member: int | None = None) -> Run:
+    """Open a run directory (or member `member` of an ensemble); AnalysisError (naming the missing file)
+    if it is not one."""
+    path = member_path(path, member)
     if not path.is_dir():
         raise AnalysisError(f"{path}: no such run directory")
     try:

@@ -81,6 +81,8 @@ def main(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
+    if cfg.seeds > 1:
+        return main_ensemble(cfg, run_dir, hc)
     try:
         summary = run(cfg, run_dir)
     except Exception as e:
@@ -101,6 +103,32 @@ def main(cfg: DictConfig) -> None:
         print(f"error: {one_line(e)}", file=sys.stderr)
         sys.exit(1 if isinstance(e, (NonFiniteLoss, OSError)) else 2)
     print_report(summary, run_dir, cfg)
+
+
+def main_ensemble(cfg: DictConfig, run_dir: Path, hc) -> None:
+    """`seeds=N`: the members as standalone runs side by side (train/ensemble.py); exit 1 if one failed."""
+    from .ensemble import run_ensemble
+    from .ensemble_summary import report
+    from .loggers import job_identity
+
+    # W&B: the members of one ensemble are one group (in a sweep, one group per job), so W&B's grouped
+    # charts show each configuration's seeds as a mean line and a band.
+    group, name, _ = job_identity(cfg, run_dir)
+    if hc.mode == RunMode.MULTIRUN:
+        group = f"{group}/{name}"
+    elif group in (None, cfg.experiment_name):
+        group = run_dir.name
+    try:
+        summary = run_ensemble(cfg, run_dir, list(hc.overrides.task), (group, name))
+    except ConfigError as e:
+        if FULL_ERROR:
+            raise
+        remove_unstarted(run_dir)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(report(summary, run_dir))
+    if summary["status"] != "finished" and hc.mode != RunMode.MULTIRUN:
+        sys.exit(1)  # in a sweep, the sweep summary lists the failed members and exits non-zero
 
 
 def cli() -> None:

@@ -225,6 +225,10 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     experiment_name: str = "default"
     seed: int = 0  # model initialisation and the data stream
+    # N > 1: an ensemble of N runs, member k with seed `seed + k`, each the same run as a standalone one
+    # with that seed, trained side by side under one run directory (train/ensemble.py).
+    seeds: int = 1
+    seed_workers: Optional[int] = None  # members trained at once (default: one per CPU core, at most N)
     resume: Optional[str] = None  # a run directory to continue from its last checkpoint
     compile: bool = False  # torch.compile the model
     # Heads ablated, clamped or frozen during training (train/interventions.py), e.g.
@@ -316,6 +320,12 @@ def validate(cfg: DictConfig) -> None:
     _require(0 < c.dense_start_fraction <= 1, "checkpoint.dense_start_fraction", c.dense_start_fraction,
              "must be in (0, 1]")
     _require(c.dense_max >= 0, "checkpoint.dense_max", c.dense_max, "must be 0 (none) or more")
+    _require(cfg.seeds >= 1, "seeds", cfg.seeds, "must be at least 1")
+    _require(cfg.seed_workers is None or cfg.seed_workers >= 1, "seed_workers", cfg.seed_workers,
+             "must be at least 1 (or null: one per CPU core)")
+    if cfg.seeds > 1:
+        _require(t.devices in (1, "1", "auto") and t.strategy == "auto", "seeds", cfg.seeds,
+                 "an ensemble trains each member on one device; use trainer.devices=1 (no DDP)")
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",
              cfg.logger.wandb.mode, "expected offline, online or disabled")
     _require(cfg.logger.wandb.init_timeout > 0, "logger.wandb.init_timeout", cfg.logger.wandb.init_timeout,

@@ -19,6 +19,7 @@ from .callbacks.measure import Measure
 from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
 from .config import validate
+from .ensemble_summary import is_ensemble
 from .errors import ConfigError, RunError
 from .interventions import Interventions
 from .interventions import parse as parse_interventions
@@ -78,6 +79,9 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         # ranks start after rank 0 has written the config.)
         raise ConfigError(f"{run_dir}: already holds a run ({CONFIG}); resume={run_dir} continues it, "
                           "or choose another hydra.run.dir")
+    if cfg.resume and is_ensemble(cfg.resume):
+        raise ConfigError(f"resume={cfg.resume}: an ensemble of {OmegaConf.load(Path(cfg.resume) / CONFIG).seeds} "
+                          "seeds: resume it with the same seeds=N (or one member: resume=RUN/members/K)")
     ckpt = check_resume(cfg, run_dir) if cfg.resume else None
     if ckpt is not None:
         for stale in run_dir.rglob(".*.tmp"):  # temp files of a killed run; the real files are intact

@@ -12,18 +12,21 @@ import pyarrow as pa
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from .ensemble_summary import is_ensemble, member_dir
 from .errors import RunError
 from .load import RunDir
 from .rundir import atomic_write, write_parquet, write_text
 
-COLUMNS = ("job", "n_layers", "n_heads", "seed", "status", "onset_step", "end_step", "onset_tokens",
+COLUMNS = ("job", "member", "n_layers", "n_heads", "seed", "status", "onset_step", "end_step", "onset_tokens",
            "end_tokens", "final_icl_score", "n_induction_heads", "error")
 
 
-def job_row(job_dir: Path) -> dict:
-    """What one job did, read from its run directory (a job that never started counts as failed)."""
+def job_row(job_dir: Path, member: int | None = None) -> dict:
+    """What one job (or one member of a job's ensemble) did, read from its run directory (a job that
+    never started counts as failed)."""
     row = dict.fromkeys(COLUMNS)
-    row["job"] = job_dir.name
+    row["job"] = job_dir.name if member is None else job_dir.parent.parent.name
+    row["member"] = member
     job = RunDir(job_dir)
     cfg = job.saved_config()
     if cfg is not None:
@@ -52,12 +55,40 @@ def summarize_sweep(sweep_dir: str | Path) -> pa.Table:
     jobs = job_dirs(sweep_dir)
     if not jobs:
         raise RunError(f"{sweep_dir}: no sweep jobs in it (no */.hydra)")
-    rows = [job_row(d) for d in jobs]
+    rows = []
+    for d in jobs:  # a job that is an ensemble (seeds=N) gives a row per member
+        n = seed_count(d)
+        rows += [job_row(d)] if n is None else [job_row(member_dir(d, k), k) for k in range(n)]
     table = pa.Table.from_pylist(rows)
     write_parquet(sweep_dir / "sweep_summary.parquet", table)
-    write_text(sweep_dir / "sweep_summary.md", markdown(rows))
+    write_text(sweep_dir / "sweep_summary.md", markdown(rows) + ("\n" + across_seeds(rows) if any(
+        r["member"] is not None for r in rows) else ""))
     plot(rows, sweep_dir / "sweep_summary.png")
     return table
+
+
+def seed_count(job_dir: Path) -> int | None:
+    """The number of members if the job is an ensemble, else None."""
+    if not is_ensemble(job_dir):
+        return None
+    return int(RunDir(job_dir).saved_config().seeds)
+
+
+def across_seeds(rows: list[dict]) -> str:
+    """Per depth x heads: how many seeds show a phase change, and the spread of onset and final ICL score."""
+    import numpy as np
+
+    lines = ["| n_layers | n_heads | seeds | phase change | onset step: median (min-max) | final ICL score: median (min-max) |",
+             "|---|---|---|---|---|---|"]
+    for nl, nh in sorted({(r["n_layers"], r["n_heads"]) for r in rows if r["n_layers"] is not None}):
+        group = [r for r in rows if (r["n_layers"], r["n_heads"]) == (nl, nh)]
+        cells = []
+        for key, fmt in (("onset_step", ".0f"), ("final_icl_score", "+.3f")):
+            v = np.array([r[key] for r in group if r[key] is not None], dtype=float)
+            cells.append(f"{np.median(v):{fmt}} ({v.min():{fmt}} to {v.max():{fmt}})" if v.size else "none")
+        n_pc = sum(r["onset_step"] is not None for r in group)
+        lines.append(f"| {nl} | {nh} | {len(group)} | {n_pc}/{len(group)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(lines) + "\n"
 
 
 def markdown(rows: list[dict]) -> str:
@@ -67,7 +98,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    """Phase-change onset (tokens) and final ICL score over depth x heads, averaged over seeds."""
+    """Phase-change onset (tokens) and final ICL score over depth x heads, the median over seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,7 +116,7 @@ def plot(rows: list[dict], path: Path) -> None:
             for j, nh in enumerate(heads):
                 vals = [r[key] for r in ok if r["n_layers"] == nl and r["n_heads"] == nh and r[key] is not None]
                 if vals:
-                    grid[i, j] = float(np.mean(vals))
+                    grid[i, j] = float(np.median(vals))
         im = ax.imshow(grid, cmap="viridis", aspect="auto")
         for (i, j), v in np.ndenumerate(grid):
             ax.text(j, i, "none" if np.isnan(v) else f"{v:.3g}", ha="center", va="center", color="w", fontsize=8)
@@ -108,5 +139,6 @@ class SweepSummaryCallback(Callback):
         print(f"\nSweep summary: {Path(config.hydra.sweep.dir) / 'sweep_summary.md'}")
         if failed:
             for row in failed:
-                print(f"  job {row['job']} failed: {row['error']}")
+                member = "" if row["member"] is None else f" member {row['member']} (seed {row['seed']})"
+                print(f"  job {row['job']}{member} failed: {row['error']}")
             raise SystemExit(1)

@@ -13,3 +13,9 @@ To add one (say `figures`), create `analysis/commands/figures.py` with
 Keep heavy imports inside `run`, so `--help` stays fast and one command's missing optional
 dependency does not break the others.
 """
+
+
+def member_option(parser) -> None:
+    """`--member K`: the command works on member K of an ensemble (`python -m train seeds=N`)."""
+    parser.add_argument("--member", type=int, default=None, metavar="K",
+                        help="member K of an ensemble directory (python -m train seeds=N), 0-based")

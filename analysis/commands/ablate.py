@@ -9,6 +9,8 @@ the phase change's end minus at its onset, unit length). Writes RUN_DIR/analysis
 
 from __future__ import annotations
 
+from . import member_option
+
 NAME = "ablate"
 
 
@@ -24,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--together", nargs="?", const="chosen", action="append", metavar="HEADS",
                    help="also ablate a set of heads at once: the chosen --heads (no value), `induction`, "
                         "or LAYER.HEAD,...; may be repeated")
+    member_option(p)
     p.set_defaults(run=run)
 
 
@@ -33,7 +36,7 @@ def run(args) -> None:
     from ..attribution import attribution_table, last_step_report
     from ..runs import open_run
 
-    r = open_run(args.run_dir)
+    r = open_run(args.run_dir, args.member)
     entries = r.select_checkpoints(args.checkpoints)
     heads = r.select_heads(args.heads)
     groups = [[h] for h in heads]

@@ -8,6 +8,8 @@ TransformerLens 4.x `TransformerBridge` (every scheme) or, with 3.x installed, a
 
 from __future__ import annotations
 
+from . import member_option
+
 NAME = "export-tl"
 
 
@@ -15,6 +17,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser(NAME, help="export a checkpoint for TransformerLens", description=__doc__)
     p.add_argument("checkpoint", help="RUN_DIR/checkpoints/step=NNNNNNN.ckpt, or a run directory")
     p.add_argument("out", help="output file, e.g. model.pt")
+    member_option(p)
     p.set_defaults(run=run)
 
 
@@ -30,11 +33,13 @@ def run(args) -> None:
         raise AnalysisError(f"{args.out}: is a directory; give the output file's name, e.g. {args.out}/model.pt")
     path = Path(args.checkpoint)
     if path.is_dir():
-        r = open_run(path)
+        r = open_run(path, args.member)
         path = r.checkpoints[-1]["path"]
     else:
         if not path.exists():
             raise AnalysisError(f"{path}: checkpoint not found")
+        if args.member is not None:
+            raise AnalysisError(f"--member {args.member}: give an ensemble's directory, not a checkpoint file")
         r = open_run(path.resolve().parent.parent)  # RUN_DIR/checkpoints/step=....ckpt
     try:
         out = export(load_model(path, r.cfg), args.out)

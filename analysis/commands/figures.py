@@ -4,10 +4,14 @@ and attention patterns; PNG + PDF + the data behind each (Parquet), and an index
 
 Give run directories and/or sweep directories (every job's run directory is used). Figures the runs
 cannot support (a smeared-key comparison without a smeared run, ablations never computed) are skipped
-with a one-line note and listed as not made in the index.
+with a one-line note and listed as not made in the index. Ensemble directories (`python -m train
+seeds=N`, or sweeps of them) give the curves across seeds instead, with bands; `--member K` gives the
+paper's figures of member K of each.
 """
 
 from __future__ import annotations
+
+from . import member_option
 
 NAME = "figures"
 
@@ -21,6 +25,7 @@ def register(subparsers) -> None:
                    help="comma-separated figures to make, e.g. icl_score,pca (an unmakeable one is then an error); "
                         "names: icl_score, loss, head_scores, loss_by_position, pca, smeared_key, ablation, "
                         "model_table, attention")
+    member_option(p)
     p.set_defaults(run=run)
 
 
@@ -28,4 +33,4 @@ def run(args) -> None:
     from ..figures import make_figures
 
     only = [name.strip() for name in args.only.split(",") if name.strip()] if args.only else None
-    make_figures(args.run_dirs, args.out, only=only)
+    make_figures(args.run_dirs, args.out, only=only, member=args.member)

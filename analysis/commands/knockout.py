@@ -10,6 +10,8 @@ row per ablated set) and knockout.md.
 
 from __future__ import annotations
 
+from . import member_option
+
 NAME = "knockout"
 
 
@@ -24,6 +26,7 @@ def register(subparsers) -> None:
     p.add_argument("--seeds", type=int, default=5, help="random head sets (default: 5)")
     p.add_argument("--method", choices=("zero", "mean", "pattern"), default="zero", help="ablation (default: zero)")
     p.add_argument("--n-sequences", type=int, default=256, help="sequences per pattern task (default: 256)")
+    member_option(p)
     p.set_defaults(run=run)
 
 
@@ -35,7 +38,7 @@ def run(args) -> None:
     from ..knockout import knockout, markdown
     from ..runs import open_run
 
-    r = open_run(args.run_dir)
+    r = open_run(args.run_dir, args.member)
     rows, summary, meta, tasks = knockout(r, args.k, args.fraction, args.seeds, args.method, args.n_sequences)
     write_parquet(r.out_dir / "knockout_runs.parquet", pa.Table.from_pylist(rows).replace_schema_metadata(meta))
     write_parquet(r.out_dir / "knockout.parquet", pa.Table.from_pylist(summary).replace_schema_metadata(meta))

@@ -11,6 +11,8 @@ has one. Defaults and how they were chosen: docs/llc.md.
 
 from __future__ import annotations
 
+from . import member_option
+
 NAME = "llc"
 
 
@@ -36,6 +38,7 @@ def register(subparsers) -> None:
                    help="sample only the parameters whose names match, e.g. 'blocks\\.1\\.' (a layer's LLC; "
                         "default: all)")
     p.add_argument("--no-wandb", action="store_true", help="do not log to the run's W&B run")
+    member_option(p)
     p.set_defaults(run=run)
 
 
@@ -54,7 +57,7 @@ def run(args) -> None:
 
     settings = LLCSettings(args.lr, args.nbeta, args.localization, args.chains, args.draws, args.burnin,
                            args.batch_size, args.n_sequences, args.seed, args.params).checked()
-    r = open_run(args.run_dir)
+    r = open_run(args.run_dir, args.member)
     entries = r.select_checkpoints(args.checkpoints)
 
     def progress(row: dict) -> None:

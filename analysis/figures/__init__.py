@@ -58,31 +58,33 @@ def _builders(runs, pca) -> dict[str, Callable]:
 
 
 def make_figures(paths: list[str | Path], out_dir: str | Path, only: list[str] | None = None,
-                 strict: bool | None = None, log: Callable[[str], None] = print) -> list:
+                 strict: bool | None = None, log: Callable[[str], None] = print, member: int | None = None) -> list:
     """Make the figure set for the runs under `paths` into `out_dir`; returns the index entries.
 
     `only` picks figures by name (`["icl_score", "pca"]`) or stem. A figure the runs cannot support is
     skipped with a one-line note (and listed in the index as not made), or, when `strict` (the default
     when `only` is given: a figure asked for by name), is an AnalysisError. Bad input (a missing
-    directory, a run without metrics) is an AnalysisError naming it.
+    directory, a run without metrics) is an AnalysisError naming it. Ensembles (`seeds=N`) give the
+    band figures (`bands.py`); with `member`, the figures of that member of each ensemble.
     """
-    from train.errors import RunError
-
     from ..runs import AnalysisError
-    from .index import Entry, write_index
+    from .bands import band_figures, find_ensembles
     from .run_set import open_runs
-    from .style import Plot, save, style
 
-    wanted = [NAMES.get(name, name) for name in (only or [])]
-    strict = bool(only) if strict is None else strict
-    unknown = [w for w in wanted if w not in dict(FIGURES)]
-    if unknown:
-        raise AnalysisError(f"--only {unknown[0]}: no such figure (have {', '.join(NAMES)})")
+    ensembles = find_ensembles(paths)
+    if member is not None:
+        if not ensembles:
+            raise AnalysisError(f"--member {member}: no ensemble (python -m train seeds=N) among {', '.join(map(str, paths))}")
+        paths = [p for p in paths if Path(p) not in ensembles and not find_ensembles([p])]
+        paths += [member_path(e, member) for e in ensembles]
+    elif ensembles:
+        singles = [str(p) for p in paths if not find_ensembles([p])]
+        if singles:
+            raise AnalysisError(f"{singles[0]}: not an ensemble; draw ensembles and single runs apart (or --member K)")
+        figures, ens = band_figures(ensembles)
+        log("ensembles: " + ", ".join(f"{e.label} ({e.path})" for e in ens))
+        return _make(figures, out_dir, only, strict, log, [(e.label, str(e.path)) for e in ens])
     runs = open_runs(list(paths), log=log)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise AnalysisError(f"{out_dir}: exists and is not a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
     log("models: " + ", ".join(f"{r.label} ({r.path})" for r in runs))
 
     cache: dict = {}
@@ -97,13 +99,42 @@ def make_figures(paths: list[str | Path], out_dir: str | Path, only: list[str] |
         return cache["pca"]
 
     builders = _builders(runs, pca)
+    figures = [(stem, title, builders[stem]) for stem, title in FIGURES]
+    return _make(figures, out_dir, only, strict, log, [(r.label, str(r.path)) for r in runs])
+
+
+def member_path(path, member: int) -> Path:
+    from ..runs import member_path as resolve
+
+    return resolve(path, member)
+
+
+def _make(figures: list, out_dir: str | Path, only: list[str] | None, strict: bool | None,
+          log: Callable[[str], None], models: list[tuple[str, str]]) -> list:
+    """Build and save each `(stem, title, builder)` wanted; write the index."""
+    from train.errors import RunError
+
+    from ..runs import AnalysisError
+    from .index import Entry, write_index
+    from .style import Plot, save, style
+
+    names = {stem.split("_", 1)[1]: stem for stem, _, _ in figures}
+    wanted = [names.get(name, name) for name in (only or [])]
+    strict = bool(only) if strict is None else strict
+    unknown = [w for w in wanted if w not in {stem for stem, _, _ in figures}]
+    if unknown:
+        raise AnalysisError(f"--only {unknown[0]}: no such figure (have {', '.join(names)})")
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise AnalysisError(f"{out_dir}: exists and is not a directory")
+    out_dir.mkdir(parents=True, exist_ok=True)
     entries = []
     with style():
-        for stem, title in FIGURES:
+        for stem, title, build in figures:
             if wanted and stem not in wanted:
                 continue
             try:
-                result = builders[stem]()
+                result = build()
             except (AnalysisError, RunError) as e:
                 result = str(e)
             if isinstance(result, Plot):
@@ -117,6 +148,6 @@ def make_figures(paths: list[str | Path], out_dir: str | Path, only: list[str] |
                     raise AnalysisError(f"{stem}: cannot be made: {result}")
                 entries.append(Entry(stem, title, skipped=result))
                 log(f"note: {stem} skipped: {result}")
-    index = write_index(out_dir, entries, [(r.label, str(r.path)) for r in runs])
+    index = write_index(out_dir, entries, models)
     log(f"wrote {index[0]} ({sum(e.skipped is None for e in entries)} figures)")
     return entries
