@@ -47,8 +47,11 @@ figures: setup
 	echo "$(BIN)/python -m analysis figures $$run --out figures $(ARGS)"; \
 	$(BIN)/python -m analysis figures "$$run" --out figures $(ARGS)
 
+# The harness against a plain loop and TransformerLens, then many seeds: an ensemble against parallel
+# processes (ENSEMBLE_ARGS, e.g. "--n 1,4 --steps 100").
 bench: setup
 	$(BIN)/python scripts/bench.py $(ARGS)
+	$(BIN)/python scripts/bench_ensemble.py $(ENSEMBLE_ARGS)
 
 clean:
 	rm -rf $(VENV) .venv-tl3 runs outputs

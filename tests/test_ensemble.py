@@ -219,3 +219,37 @@ def test_quickstart_phase_change_in_every_seed(tmp_path):
     onset = s["spread"]["onset_step"]
     assert onset["n"] == 3 and onset["min"] <= onset["median"] <= onset["max"] < 1500
     assert f"phase change in 3/3 seeds, onset steps" in proc.stdout
+
+
+@pytest.mark.slow
+def test_a_killed_ensemble_resumes_to_the_uninterrupted_members(tmp_path):
+    """SIGTERM to the ensemble mid-run stops its members; `resume=` continues each from its last
+    checkpoint, and the members end bit-identical to standalone runs of their seeds."""
+    import signal
+    import time
+
+    run_dir = tmp_path / "ens"
+    args = [sys.executable, "-m", "train", "seeds=2", "trainer.max_steps=300", "logger=none",
+            "trainer.enable_progress_bar=false"]
+    proc = subprocess.Popen([*args, f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    index = run_dir / "members" / "1" / "checkpoints" / "index.json"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (index.exists() and 128 in [e["step"] for e in json.loads(index.read_text())["checkpoints"]]):
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    time.sleep(3)  # the members get SIGTERM as their parent dies
+    assert not (run_dir / "members" / "1" / "summary.json").exists() or \
+        json.loads((run_dir / "members" / "1" / "summary.json").read_text())["status"] != "finished"
+    done = subprocess.run([*args, f"resume={run_dir}"], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-2000:]
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["finished"] == 2
+    threads = s["members"][1]["environment"]["threads"]
+    solo = tmp_path / "solo"
+    assert run_train("seed=1", "trainer.max_steps=300", "logger=none", run_dir=solo,
+                     env={"OMP_NUM_THREADS": str(threads)}).returncode == 0
+    a = torch.load(run_dir / "members" / "1" / "checkpoints" / "step=0000300.ckpt", weights_only=True)["state_dict"]
+    b = torch.load(solo / "checkpoints" / "step=0000300.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -395,3 +395,18 @@ def test_icl_score_noise_on_a_model_without_in_context_learning(tmp_path, compos
     mean, std = spread(cfg.probes.icl_span)
     assert std < 0.03 and abs(mean) < 0.03, (mean, std)
     assert spread(1.0)[1] > 2 * std
+
+
+def test_an_ensemble_on_text_tokenizes_once_for_all_members(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text("\n\n".join(paragraphs(80)))
+    run_dir = tmp_path / "ens"
+    proc = run_train("seeds=2", "data=text_files", f"data.data_files=[{path}]", f"data.cache_dir={tmp_path / 'cache'}",
+                     "logger=none", "data.eval_size=8", "data.heldout_fraction=0.2", "data.d_vocab=300",
+                     "checkpoint.enabled=false", "trainer.max_steps=5", run_dir=run_dir)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((run_dir / "summary.json").read_text())["finished"] == 2
+    assert len(list((tmp_path / "cache").rglob("meta.json"))) == 1
+    # The ensemble built the cache before its members started; they read it.
+    assert "text data:" in (run_dir / "train.log").read_text()
+    assert all("text data:" not in (run_dir / "members" / k / "train.log").read_text() for k in ("0", "1"))

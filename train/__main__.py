@@ -120,7 +120,7 @@ def main_ensemble(cfg: DictConfig, run_dir: Path, hc) -> None:
         group = run_dir.name
     try:
         summary = run_ensemble(cfg, run_dir, list(hc.overrides.task), (group, name))
-    except ConfigError as e:
+    except (ConfigError, RunError) as e:
         if FULL_ERROR:
             raise
         remove_unstarted(run_dir)

@@ -95,6 +95,13 @@ def run_ensemble(cfg: DictConfig, run_dir: Path, overrides: list[str], wandb_ide
                           "or choose another hydra.run.dir")
     else:
         write_text(run_dir / CONFIG, OmegaConf.to_yaml(cfg, resolve=True))
+    # The data once, here: a text corpus is tokenized and cached before the members start, so they share
+    # one cache instead of each building it, and bad data stops the ensemble before any member starts.
+    from .build import build_generator
+
+    generator = build_generator(cfg)
+    if hasattr(generator, "prepare"):
+        generator.prepare()
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     workers = min(cfg.seeds, cfg.seed_workers or cores())
     threads = max(1, cores() // workers)
