@@ -119,7 +119,7 @@ def main_ensemble(cfg: DictConfig, run_dir: Path, hc) -> None:
     elif group in (None, cfg.experiment_name):
         group = run_dir.name
     try:
-        summary = run_ensemble(cfg, run_dir, list(hc.overrides.task), (group, name))
+        summary = run_ensemble(cfg, run_dir, (group, name))
     except (ConfigError, RunError) as e:
         if FULL_ERROR:
             raise

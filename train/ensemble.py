@@ -1,24 +1,25 @@
 """`python -m train seeds=N`: an ensemble of N runs, member k with seed `seed + k`, trained side by side.
 
-Each member is exactly the standalone run `python -m train <the same overrides> seed=<seed + k>`, in its
-own process and its own run directory `RUN_DIR/members/k/` (checkpoints, metrics, summary, W&B run):
-its own initialisation, data stream, optimizer state, clipping and schedule, and a failure (a
-non-finite loss) that stops it alone. `seed_workers` members train at once, each with
-`cores // seed_workers` threads. On a CPU, independent processes are the fastest way to train many
-small models: stacking them into batched kernels in one process gains nothing over one thread per model
-(scripts/bench_ensemble.py measures both sides). When they finish, the ensemble writes its
-summary.json (each member's summary and the spread across seeds) and the metric tables with `member`
-and `seed` columns (train/ensemble_summary.py).
+Each member is the standalone run `python -m train <the same overrides> seed=<seed + k>` with its own
+run directory `RUN_DIR/members/k/` (checkpoints, metrics, summary, W&B run): its own initialisation,
+data stream, optimizer state, clipping and schedule, and a failure (a non-finite loss) that stops it
+alone. `seed_workers` worker processes (default: one per core) each take the next member when done with
+one, with `cores // seed_workers` threads; a worker imports torch and Lightning once, not once per
+member. On a CPU, independent processes are the fastest way to train many small models: stacked into
+batched kernels in one process they gain little over one model (scripts/bench_ensemble.py measures
+both). When the members are done, the ensemble writes its summary.json (each member's summary and the
+spread across seeds) and the metric tables with `member` and `seed` columns (train/ensemble_summary.py).
 """
 
 from __future__ import annotations
 
+import concurrent.futures as cf
+import copy
 import logging
+import multiprocessing
 import os
-import re
-import signal
-import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -27,30 +28,11 @@ from omegaconf import DictConfig, OmegaConf
 from .config import validate
 from .ensemble_summary import MEMBERS, concat_tables, is_ensemble, member_dir, summarize_ensemble
 from .errors import ConfigError
-from .rundir import CONFIG, SUMMARY, read_json, write_text
-
-log = logging.getLogger(__name__)
-# Overrides the ensemble sets for each member itself.
-OWN_KEYS = ("seed", "seeds", "seed_workers", "resume", "logger.wandb.group", "logger.wandb.name",
-            "trainer.enable_progress_bar")
+from .rundir import CONFIG, SUMMARY, read_json, write_json, write_text
 
 
 def cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def quote(value: str) -> str:
-    """A Hydra override value that parses back to `value` (names may hold `,` or `=`). In Hydra's quoted
-    strings a backslash escapes only a quote or the backslashes before one."""
-    value = re.sub(r'(\\+)(?="|$)', lambda m: m.group(1) * 2, value)
-    return '"' + value.replace('"', '\\"') + '"'
-
-
-def member_overrides(overrides: list[str]) -> list[str]:
-    """The command line's overrides without the keys each member gets from the ensemble."""
-    def key(o: str) -> str:
-        return o.split("=", 1)[0].lstrip("+~")
-    return [o for o in overrides if key(o) not in OWN_KEYS]
 
 
 def check_resume(cfg: DictConfig, run_dir: Path) -> None:
@@ -62,28 +44,73 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
             raise ConfigError(f"{key}={cfg[key]}: the ensemble being resumed used {saved.get(key)}")
 
 
-def die_with_parent() -> None:
-    """In a member process: get SIGTERM when the ensemble's process dies, even by SIGKILL (Linux)."""
+def member_config(cfg: DictConfig, k: int, run_dir: Path, group: str, name: str) -> DictConfig:
+    """Member k's config: the ensemble's with `seed + k`, as `python -m train ... seed=<seed + k>` composes
+    it (`data.seed` follows `seed`), resuming its own directory if it has started."""
+    member = copy.deepcopy(cfg)
+    member.seed = cfg.seed + k
+    member.seeds = 1
+    d = member_dir(run_dir, k)
+    member.resume = str(d) if (d / CONFIG).exists() else None
+    member.logger.wandb.group = group
+    member.logger.wandb.name = f"{name}-seed{member.seed}"
+    member.trainer.enable_progress_bar = False
+    return member
+
+
+def start_worker(threads: int, parent: int) -> None:
+    """A worker process: its thread count, and an exit as soon as the ensemble's process is gone (killed
+    even by SIGKILL): the member's files are written atomically, and `resume=` continues it."""
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+    import torch
+
+    torch.set_num_threads(threads)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(0.5)
+        os._exit(143)
+
+    threading.Thread(target=watch, daemon=True, name="ensemble-parent-watch").start()
+
+
+def train_member(cfg: DictConfig, run_dir: str) -> str | None:
+    """In a worker: one member's run, its console and Python logging in its directory as a run's are.
+    Returns None, or the one-line error a standalone run would print."""
+    from .__main__ import one_line
+    from .run import run
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    log_file = logging.FileHandler(run_dir / "train.log")
+    log_file.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    root.addHandler(log_file)
+    saved = os.dup(1), os.dup(2)
+    with open(run_dir / "console.log", "ab") as console:
+        os.dup2(console.fileno(), 1)
+        os.dup2(console.fileno(), 2)
     try:
-        import ctypes
+        run(cfg, run_dir)
+        return None
+    except Exception as e:
+        logging.getLogger(__name__).exception("member failed")
+        if not (run_dir / SUMMARY).exists():
+            write_json(run_dir / SUMMARY, {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+        return one_line(e)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
+        root.removeHandler(log_file)
+        log_file.close()
 
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
-
-def last_error(console: Path, rc: int) -> str:
-    """A failed member's one-line error from its console output, else its exit status."""
-    try:
-        lines = [line.strip() for line in console.read_text(errors="replace").splitlines() if line.strip()]
-    except OSError:
-        lines = []
-    errors = [line for line in lines if line.startswith("error:")]
-    return errors[-1].removeprefix("error:").strip() if errors else f"exit status {rc}" + (
-        f": {lines[-1]}" if lines else "")
-
-
-def run_ensemble(cfg: DictConfig, run_dir: Path, overrides: list[str], wandb_identity: tuple[str | None, str],
+def run_ensemble(cfg: DictConfig, run_dir: Path, wandb_identity: tuple[str | None, str],
                  echo=lambda line: print(line, flush=True)) -> dict:
     """Train the members (those not finished yet, when resuming) and write the ensemble's summary."""
     validate(cfg)
@@ -107,66 +134,52 @@ def run_ensemble(cfg: DictConfig, run_dir: Path, overrides: list[str], wandb_ide
     threads = max(1, cores() // workers)
     group, name = wandb_identity
     group = group or run_dir.name
-    base = [sys.executable, "-m", "train", *member_overrides(overrides), "trainer.enable_progress_bar=false",
-            f"logger.wandb.group={quote(group)}", f"seeds=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    env.pop("HYDRA_FULL_ERROR", None)  # a member reports its errors in one line, as a run does
-
     pending = []
-    for k, seed in enumerate(seeds):
+    for k in range(cfg.seeds):
         d = member_dir(run_dir, k)
-        done = (d / SUMMARY).exists() and read_json(d / SUMMARY).get("status") == "finished"
-        if done:
-            continue
-        where = f"resume={quote(str(d))}" if (d / CONFIG).exists() else f"hydra.run.dir={quote(str(d))}"
-        pending.append((k, [*base, f"seed={seed}", f"logger.wandb.name={quote(f'{name}-seed{seed}')}", where]))
+        if (d / SUMMARY).exists() and read_json(d / SUMMARY).get("status") == "finished":
+            continue  # resuming: a finished member is left as it is
+        pending.append(k)
     echo(f"Ensemble of {cfg.seeds} seeds ({seeds[0]}-{seeds[-1]}): {len(pending)} to train, {workers} at a time "
          f"x {threads} thread(s); members in {run_dir / MEMBERS}/")
 
     started = time.time()
     errors: dict[int, str] = {}
-    running: dict[int, tuple[subprocess.Popen, float]] = {}
-    queue = list(pending)
+    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                  initializer=start_worker, initargs=(threads, os.getpid()))
     try:
-        while queue or running:
-            while queue and len(running) < workers:
-                k, cmd = queue.pop(0)
-                d = member_dir(run_dir, k)
-                d.mkdir(parents=True, exist_ok=True)
-                with open(d / "console.log", "ab") as console:
-                    proc = subprocess.Popen(cmd, stdout=console, stderr=subprocess.STDOUT, env=env,
-                                            preexec_fn=die_with_parent if sys.platform == "linux" else None)
-                running[k] = (proc, time.time())
-            time.sleep(0.2)
-            for k, (proc, t0) in list(running.items()):
-                rc = proc.poll()
-                if rc is None:
-                    continue
-                del running[k]
-                echo(member_line(run_dir, k, seeds[k], rc, time.time() - t0, errors))
-    except BaseException:
-        for proc, _ in running.values():  # Ctrl-C, SIGTERM: stop the members (their files are atomic)
-            proc.terminate()
-        for proc, _ in running.values():
+        futures = {pool.submit(train_member, member_config(cfg, k, run_dir, group, name), str(member_dir(run_dir, k))): k
+                   for k in pending}
+        for future in cf.as_completed(futures):
+            k = futures[future]
             try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                error = future.result()
+            except Exception as e:  # the worker process died (killed, out of memory)
+                error = f"its worker process died ({type(e).__name__}: {e})"
+            if error:
+                errors[k] = error
+            echo(member_line(run_dir, k, seeds[k], error, time.time() - started))
+    except BaseException:
+        # Ctrl-C, SIGTERM: stop the members now (their files are written atomically; resume= continues).
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.terminate()
+        pool.shutdown(wait=False, cancel_futures=True)
         raise
+    pool.shutdown()
     concat_tables(run_dir, seeds)
     return summarize_ensemble(run_dir, seeds, errors, time.time() - started,
                               {"workers": workers, "threads": threads})
 
 
-def member_line(run_dir: Path, k: int, seed: int, rc: int, seconds: float, errors: dict[int, str]) -> str:
-    """One line as a member ends; its error is kept in `errors`."""
-    d = member_dir(run_dir, k)
+def member_line(run_dir: Path, k: int, seed: int, error: str | None, elapsed: float) -> str:
+    """One line as a member ends."""
     head = f"  member {k} (seed {seed}):"
-    if rc != 0:
-        errors[k] = last_error(d / "console.log", rc)
-        return f"{head} failed after {seconds:.0f} s: {errors[k]}"
+    if error:
+        return f"{head} failed ({elapsed:.0f} s into the ensemble): {error}"
+    d = member_dir(run_dir, k)
     s = read_json(d / SUMMARY) if (d / SUMMARY).exists() else {}
     pc = s.get("phase_change")
     window = f"phase change at steps {pc['onset_step']}-{pc['end_step']}" if pc else "no phase change"
     icl = (s.get("final") or {}).get("icl_score")
-    return f"{head} finished in {seconds:.0f} s, {window}" + (f", final ICL score {icl:+.3f}" if icl is not None else "")
+    return (f"{head} finished in {s.get('wall_time_s', 0):.0f} s, {window}"
+            + (f", final ICL score {icl:+.3f}" if icl is not None else ""))
