@@ -58,6 +58,8 @@ ONE_KEY_CASES = {
     "zero task batch": (["probes.task_size=0"], "probes.task_size=0: must be at least 1"),
     "negative heatmap interval": (["probes.heatmap_every_n_steps=-1"], "probes.heatmap_every_n_steps=-1: must be 0"),
     "zero init_std": (["model.init_std=0"], "model.init_std=0.0: must be positive"),
+    "zero seeds": (["seeds=0"], "seeds=0: must be at least 1"),
+    "zero seed workers": (["seed_workers=0"], "seed_workers=0: must be at least 1"),
 }
 
 # (overrides, the start of the error line after "error: ")

@@ -159,17 +159,19 @@ def test_non_finite_loss_is_reported_per_member(tmp_path):
 
 
 def test_bad_ensemble_settings_are_one_line_errors(tmp_path, compose_cfg):
+    """(seeds=0 and seed_workers=0 are among tests/test_bad_inputs.py's cases.)"""
     from train.config import validate
+    from train.ensemble import check_resume
     from train.errors import ConfigError
 
-    for override, message in (("seeds=0", "seeds=0: must be at least 1"),
-                              ("seed_workers=0", "seed_workers=0: must be at least 1"),
-                              ("trainer=ddp", "seeds=2: an ensemble trains each member on one device")):
-        with pytest.raises(ConfigError, match=f"^{message}"):
-            validate(compose_cfg("seeds=2", override))
-    proc = run_train("seeds=3", f"resume={tmp_path}", "logger=none", run_dir=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1] == \
-        f"error: resume={tmp_path}: not an ensemble's directory (no config.yaml and members/)", proc.stderr
+    with pytest.raises(ConfigError, match="^seeds=2: an ensemble trains each member on one device"):
+        validate(compose_cfg("seeds=2", "trainer=ddp"))
+    with pytest.raises(ConfigError, match="not an ensemble's directory"):
+        check_resume(compose_cfg("seeds=3"), tmp_path)
+    (tmp_path / "members").mkdir()
+    (tmp_path / "config.yaml").write_text("seed: 0\nseeds: 4\n")
+    with pytest.raises(ConfigError, match="^seeds=3: the ensemble being resumed used 4$"):
+        check_resume(compose_cfg("seeds=3"), tmp_path)
 
 
 def test_across_seeds_table_known_answer():

@@ -397,6 +397,7 @@ def test_icl_score_noise_on_a_model_without_in_context_learning(tmp_path, compos
     assert spread(1.0)[1] > 2 * std
 
 
+@pytest.mark.slow
 def test_an_ensemble_on_text_tokenizes_once_for_all_members(tmp_path):
     path = tmp_path / "corpus.txt"
     path.write_text("\n\n".join(paragraphs(80)))
