@@ -28,7 +28,9 @@ COMMON = ["logger=none", "trainer.enable_progress_bar=false"]
 
 
 def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    from train.environment import usable_cores
+
+    return usable_cores()
 
 
 def timed(cmd: list[str], env: dict | None = None) -> float:

@@ -27,12 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from .config import validate
 from .ensemble_summary import MEMBERS, concat_tables, is_ensemble, member_dir, summarize_ensemble
+from .environment import usable_cores
 from .errors import ConfigError
 from .rundir import CONFIG, SUMMARY, read_json, write_json, write_text
-
-
-def cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_resume(cfg: DictConfig, run_dir: Path) -> None:
@@ -130,8 +127,8 @@ def run_ensemble(cfg: DictConfig, run_dir: Path, wandb_identity: tuple[str | Non
     if hasattr(generator, "prepare"):
         generator.prepare()
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
-    workers = min(cfg.seeds, cfg.seed_workers or cores())
-    threads = max(1, cores() // workers)
+    workers = min(cfg.seeds, cfg.seed_workers or usable_cores())
+    threads = max(1, usable_cores() // workers)
     group, name = wandb_identity
     group = group or run_dir.name
     pending = []

@@ -14,6 +14,11 @@ from typing import Any
 import torch
 
 
+def usable_cores() -> int:
+    """Cores this process may run on (a container or `taskset` may allow fewer than the machine has)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """The torch build, device, thread counts and determinism settings of this process."""
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or platform.machine())

@@ -11,7 +11,6 @@ which the worker (or, in line, the training thread) writes through the sink.
 from __future__ import annotations
 
 import copy
-import os
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any
@@ -20,14 +19,10 @@ import lightning as L
 import torch
 
 from .. import probes
+from ..environment import usable_cores
 from ..errors import NonFiniteLoss
 from ..measurements import Cadence, Measurements
 from ..metrics_sink import MetricsSink, Row, done
-
-
-def usable_cores() -> int:
-    """Cores this process may run on (a container or `taskset` may allow fewer than the machine has)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class Measure(L.Callback):
