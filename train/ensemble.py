@@ -142,7 +142,7 @@ def run_ensemble(cfg: DictConfig, run_dir: Path, wandb_identity: tuple[str | Non
 
     started = time.time()
     errors: dict[int, str] = {}
-    pool = cf.ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+    pool = cf.ProcessPoolExecutor(max(1, min(workers, len(pending))), mp_context=multiprocessing.get_context("spawn"),
                                   initializer=start_worker, initargs=(threads, os.getpid()))
     try:
         futures = {pool.submit(train_member, member_config(cfg, k, run_dir, group, name), str(member_dir(run_dir, k))): k
@@ -157,7 +157,8 @@ def run_ensemble(cfg: DictConfig, run_dir: Path, wandb_identity: tuple[str | Non
                 errors[k] = error
             echo(member_line(run_dir, k, seeds[k], error, time.time() - started))
     except BaseException:
-        # Ctrl-C, SIGTERM: stop the members now (their files are written atomically; resume= continues).
+        # Ctrl-C: stop the members now (their files are written atomically; resume= continues them). A
+        # killed ensemble's workers stop themselves (start_worker).
         for proc in list(getattr(pool, "_processes", {}).values()):
             proc.terminate()
         pool.shutdown(wait=False, cancel_futures=True)

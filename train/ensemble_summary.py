@@ -98,7 +98,8 @@ def _range(s: dict | None, fmt: str) -> str:
     if s is None:
         return "none"
     lo, hi, mid = (format(s[k], fmt) for k in ("min", "max", "median"))
-    return f"{lo}{' to ' if s['min'] < 0 else '-'}{hi} (median {mid})" if lo != hi else lo
+    sep = " to " if s["min"] < 0 or "+" in fmt else "-"  # "-0.5 to -0.3", "+0.01 to +0.02", "300-400"
+    return f"{lo}{sep}{hi} (median {mid})" if lo != hi else lo
 
 
 def report(summary: dict, run_dir: Path) -> str:
