@@ -4,7 +4,7 @@ Each member is the standalone run `python -m train <the same overrides> seed=<se
 run directory `RUN_DIR/members/k/` (checkpoints, metrics, summary, W&B run): its own initialisation,
 data stream, optimizer state, clipping and schedule, and a failure (a non-finite loss) that stops it
 alone. `seed_workers` worker processes (default: one per core) each take the next member when done with
-one, with `cores // seed_workers` threads; a worker imports torch and Lightning once, not once per
+one, with `cores // seed_workers` threads (one worker: torch's default, as a standalone run); a worker imports torch and Lightning once, not once per
 member. On a CPU, independent processes are the fastest way to train many small models: stacked into
 batched kernels in one process they gain little over one model (scripts/bench_ensemble.py measures
 both). When the members are done, the ensemble writes its summary.json (each member's summary and the
@@ -55,13 +55,14 @@ def member_config(cfg: DictConfig, k: int, run_dir: Path, group: str, name: str)
     return member
 
 
-def start_worker(threads: int, parent: int) -> None:
+def start_worker(threads: int | None, parent: int) -> None:
     """A worker process: its thread count, and an exit as soon as the ensemble's process is gone (killed
     even by SIGKILL): the member's files are written atomically, and `resume=` continues it."""
-    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
-    import torch
+    if threads is not None:  # one worker keeps torch's default, as a standalone run does
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = str(threads)
+        import torch
 
-    torch.set_num_threads(threads)
+        torch.set_num_threads(threads)
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -128,7 +129,7 @@ def run_ensemble(cfg: DictConfig, run_dir: Path, wandb_identity: tuple[str | Non
         generator.prepare()
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
     workers = min(cfg.seeds, cfg.seed_workers or usable_cores())
-    threads = max(1, usable_cores() // workers)
+    threads = None if workers == 1 else max(1, usable_cores() // workers)
     group, name = wandb_identity
     group = group or run_dir.name
     pending = []
