@@ -33,7 +33,6 @@ FIGURES = (
     ("08_model_table", "8. Model analysis table"),
     ("09_attention", "9. Attention patterns of the strongest heads"),
 )
-NAMES = {stem.split("_", 1)[1]: stem for stem, _ in FIGURES}
 
 
 def _builders(runs, pca) -> dict[str, Callable]:
@@ -67,7 +66,7 @@ def make_figures(paths: list[str | Path], out_dir: str | Path, only: list[str] |
     directory, a run without metrics) is an AnalysisError naming it. Ensembles (`seeds=N`) give the
     band figures (`bands.py`); with `member`, the figures of that member of each ensemble.
     """
-    from ..runs import AnalysisError
+    from ..runs import AnalysisError, member_path
     from .bands import band_figures, find_ensembles
     from .run_set import open_runs
 
@@ -101,12 +100,6 @@ def make_figures(paths: list[str | Path], out_dir: str | Path, only: list[str] |
     builders = _builders(runs, pca)
     figures = [(stem, title, builders[stem]) for stem, title in FIGURES]
     return _make(figures, out_dir, only, strict, log, [(r.label, str(r.path)) for r in runs])
-
-
-def member_path(path, member: int) -> Path:
-    from ..runs import member_path as resolve
-
-    return resolve(path, member)
 
 
 def _make(figures: list, out_dir: str | Path, only: list[str] | None, strict: bool | None,
