@@ -229,6 +229,9 @@ class Config:
     # with that seed, trained side by side under one run directory (train/ensemble.py).
     seeds: int = 1
     seed_workers: Optional[int] = None  # members trained at once (default: one per CPU core, at most N)
+    # How: "processes" (each member a standalone run in a worker process; fastest on a CPU) or "stacked"
+    # (all members in one model with a leading member dimension, one pass for all; for a GPU).
+    seed_execution: str = "processes"
     resume: Optional[str] = None  # a run directory to continue from its last checkpoint
     compile: bool = False  # torch.compile the model
     # Heads ablated, clamped or frozen during training (train/interventions.py), e.g.
@@ -323,9 +326,19 @@ def validate(cfg: DictConfig) -> None:
     _require(cfg.seeds >= 1, "seeds", cfg.seeds, "must be at least 1")
     _require(cfg.seed_workers is None or cfg.seed_workers >= 1, "seed_workers", cfg.seed_workers,
              "must be at least 1 (or null: one per CPU core)")
+    _require(cfg.seed_execution in ("processes", "stacked"), "seed_execution", cfg.seed_execution,
+             "expected processes or stacked")
     if cfg.seeds > 1:
         _require(t.devices in (1, "1", "auto") and t.strategy == "auto", "seeds", cfg.seeds,
                  "an ensemble trains each member on one device; use trainer.devices=1 (no DDP)")
+    if cfg.seeds > 1 and cfg.seed_execution == "stacked":
+        # Each of these acts on one model at a time, or couples the members (fp16's loss scaler skips
+        # every member's step when one overflows).
+        _require(not cfg.intervene, "intervene", "[...]", "a stacked ensemble trains without interventions; "
+                 "use seed_execution=processes")
+        _require(not cfg.compile, "compile", cfg.compile, "a stacked ensemble is not compiled; use compile=false")
+        _require(str(t.precision) not in ("16", "16-mixed"), "trainer.precision", t.precision,
+                 "fp16's loss scaling would couple the members of a stacked ensemble; use bf16-mixed or 32")
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",
              cfg.logger.wandb.mode, "expected offline, online or disabled")
     _require(cfg.logger.wandb.init_timeout > 0, "logger.wandb.init_timeout", cfg.logger.wandb.init_timeout,

@@ -43,12 +43,17 @@ def check_resume(cfg: DictConfig, run_dir: Path) -> None:
 
 def member_config(cfg: DictConfig, k: int, run_dir: Path, group: str, name: str) -> DictConfig:
     """Member k's config: the ensemble's with `seed + k`, as `python -m train ... seed=<seed + k>` composes
-    it (`data.seed` follows `seed`), resuming its own directory if it has started."""
+    it (`data.seed` follows `seed`), resuming its own directory if it has started (in a process; a
+    stacked ensemble resumes as a whole)."""
     member = copy.deepcopy(cfg)
     member.seed = cfg.seed + k
     member.seeds = 1
     d = member_dir(run_dir, k)
-    member.resume = str(d) if (d / CONFIG).exists() else None
+    stacked = cfg.seed_execution == "stacked"
+    member.resume = str(d) if (d / CONFIG).exists() and not stacked else None
+    if stacked:
+        member.seed_execution = "processes"  # its config is a standalone run's
+        member.probes.background = False  # measured in line: one copy of the weights, the stack's
     member.logger.wandb.group = group
     member.logger.wandb.name = f"{name}-seed{member.seed}"
     member.trainer.enable_progress_bar = False
@@ -138,10 +143,14 @@ def run_ensemble(cfg: DictConfig, run_dir: Path, wandb_identity: tuple[str | Non
         if (d / SUMMARY).exists() and read_json(d / SUMMARY).get("status") == "finished":
             continue  # resuming: a finished member is left as it is
         pending.append(k)
-    echo(f"Ensemble of {cfg.seeds} seeds ({seeds[0]}-{seeds[-1]}): {len(pending)} to train, {workers} at a time "
-         f"x {threads} thread(s); members in {run_dir / MEMBERS}/")
+    how = ("stacked in one model in this process" if cfg.seed_execution == "stacked"
+           else f"{workers} at a time x {threads} thread(s)")
+    echo(f"Ensemble of {cfg.seeds} seeds ({seeds[0]}-{seeds[-1]}): {len(pending)} to train, {how}; "
+         f"members in {run_dir / MEMBERS}/")
 
     started = time.time()
+    if cfg.seed_execution == "stacked":
+        return run_stacked(cfg, run_dir, group, name, pending, echo)
     errors: dict[int, str] = {}
     pool = cf.ProcessPoolExecutor(max(1, min(workers, len(pending))), mp_context=multiprocessing.get_context("spawn"),
                                   initializer=start_worker, initargs=(threads, os.getpid()))
@@ -168,6 +177,23 @@ def run_ensemble(cfg: DictConfig, run_dir: Path, wandb_identity: tuple[str | Non
     concat_tables(run_dir, seeds)
     return summarize_ensemble(run_dir, seeds, errors, time.time() - started,
                               {"workers": workers, "threads": threads})
+
+
+def run_stacked(cfg: DictConfig, run_dir: Path, group: str, name: str, pending: list[int], echo) -> dict:
+    """`seed_execution=stacked`: every member in one model, in this process (train/stacked.py)."""
+    import torch
+
+    from .stacked import train_stacked
+
+    started = time.time()
+    seeds = [cfg.seed + k for k in range(cfg.seeds)]
+    errors = train_stacked(cfg, run_dir, [member_config(cfg, k, run_dir, group, name) for k in range(cfg.seeds)]) \
+        if pending else {}
+    for k in range(cfg.seeds):
+        echo(member_line(run_dir, k, seeds[k], errors.get(k), time.time() - started))
+    concat_tables(run_dir, seeds)
+    return summarize_ensemble(run_dir, seeds, errors, time.time() - started,
+                              {"workers": 1, "threads": torch.get_num_threads(), "stacked": cfg.seeds})
 
 
 def member_line(run_dir: Path, k: int, seed: int, error: str | None, elapsed: float) -> str:

@@ -108,8 +108,10 @@ def report(summary: dict, run_dir: Path) -> str:
     sp = summary["spread"]
     seeds = summary["seeds"]
     ex = summary["execution"]
+    how = (f"stacked x {ex['threads']} thread(s)" if ex.get("stacked")
+           else f"{ex['workers']} at a time x {ex['threads'] or 'default'} thread(s)")
     lines = [f"\nEnsemble {summary['status']}: {summary['finished']}/{n} seeds ({seeds[0]}-{seeds[-1]}) finished, "
-             f"{ex['workers']} at a time x {ex['threads'] or 'default'} thread(s), {summary['wall_time_s'] / 60:.1f} min"]
+             f"{how}, {summary['wall_time_s'] / 60:.1f} min"]
     pc = summary["phase_changes"]
     lines.append(f"  phase change in {pc}/{n} seeds" + (
         f", onset steps {_range(sp['onset_step'], '.0f')}, end {_range(sp['end_step'], '.0f')}, "

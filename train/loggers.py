@@ -40,7 +40,9 @@ def new_run_id() -> str:
     return "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
 
 
-def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
+def build_loggers(cfg: DictConfig, run_dir: Path, concurrent: bool = False) -> list[Logger]:
+    """The run's loggers. `concurrent`: this process holds other runs' W&B runs at the same time (the
+    members of a stacked ensemble), so each starts a W&B run of its own instead of taking the current one."""
     loggers: list[Logger] = []
     w = cfg.logger.wandb
     if w.enabled and w.mode != "disabled":
@@ -61,6 +63,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> list[Logger]:
                 # the whole process and leak into later jobs of a sweep.
                 mode=mode, config=OmegaConf.to_container(cfg, resolve=True),
                 settings=wandb.Settings(init_timeout=w.init_timeout, silent=True),
+                **({"reinit": "create_new"} if concurrent else {}),
             )
             # Lightning always passes `anonymous` (None when unset); wandb warns about any value of it.
             logger._wandb_init.pop("anonymous", None)
@@ -94,5 +97,8 @@ def finish_loggers(loggers: list[Logger]) -> None:
         if isinstance(logger, WandbLogger):
             import wandb
 
+            run = logger._experiment  # started by this logger (None if it never logged)
+            if run is not None and run is not wandb.run:  # a concurrent run (build_loggers)
+                run.finish()
             if wandb.run is not None:
                 wandb.finish()

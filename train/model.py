@@ -136,6 +136,16 @@ class Attention(nn.Module):
         return out.view(b, t, -1), pattern  # [batch, pos, d_model]
 
 
+class AffineLayerNorm(nn.LayerNorm):
+    """`nn.LayerNorm` with its gain and bias applied outside the fused kernel. The fused kernel sums the
+    gain's and bias's gradients over positions in its own order, which `vmap` (stacked ensembles,
+    train/stacked.py) replaces with another: applied as a product and a sum, they get the same gradients,
+    bit for bit, in a model alone and in a stack of models."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.layer_norm(x, self.normalized_shape, None, None, self.eps) * self.weight + self.bias
+
+
 class MLP(nn.Module):
     def __init__(self, d_model: int, d_mlp: int):
         super().__init__()
@@ -152,9 +162,9 @@ class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         inner = cfg.layernorm == "pre"
-        self.ln1 = nn.LayerNorm(cfg.d_model) if inner else nn.Identity()
+        self.ln1 = AffineLayerNorm(cfg.d_model) if inner else nn.Identity()
         self.attn = Attention(cfg.n_heads, cfg.d_model, cfg.d_head, cfg.smeared_key)
-        self.ln2 = nn.LayerNorm(cfg.d_model) if (inner and cfg.d_mlp) else nn.Identity()
+        self.ln2 = AffineLayerNorm(cfg.d_model) if (inner and cfg.d_mlp) else nn.Identity()
         self.mlp = MLP(cfg.d_model, cfg.d_mlp) if cfg.d_mlp else None
 
     def forward(self, x, qk_pos, rotary, need_pattern, edit):
@@ -178,7 +188,7 @@ class AttentionOnlyTransformer(nn.Module):
             else None
         )
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layers))
-        self.ln_final = nn.LayerNorm(cfg.d_model) if cfg.layernorm != "none" else nn.Identity()
+        self.ln_final = AffineLayerNorm(cfg.d_model) if cfg.layernorm != "none" else nn.Identity()
         self.W_U = nn.Parameter(torch.empty(cfg.d_model, cfg.d_vocab))
         self.b_U = nn.Parameter(torch.zeros(cfg.d_vocab))
         if cfg.positional == "rotary":

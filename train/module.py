@@ -38,6 +38,10 @@ def lr_lambda(schedule: str, warmup_steps: int, total_steps: int, min_lr_ratio: 
 
 
 class InductionLM(L.LightningModule):
+    # Leading dimensions of every parameter before the model's own (1 in a stacked ensemble's module,
+    # train/stacked.py): weight decay applies to matrices, whatever stacks them.
+    member_dims = 0
+
     def __init__(self, model: AttentionOnlyTransformer, optim: dict[str, Any], total_steps: int,
                  interventions: Interventions | None = None):
         super().__init__()
@@ -109,8 +113,8 @@ class InductionLM(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         params = self.trained_parameters()
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
+        decay = [p for p in params if p.dim() - self.member_dims >= 2]
+        no_decay = [p for p in params if p.dim() - self.member_dims < 2]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
             lr=o["lr"],

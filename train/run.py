@@ -110,6 +110,18 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
 
+    loggers = build_loggers(cfg, run_dir)
+    trainer = make_trainer(cfg, run_dir, callbacks, loggers)
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
+    finally:
+        finish_loggers(loggers)
+    return summary.summary or {}
+
+
+def make_trainer(cfg: DictConfig, run_dir: Path, callbacks: list[L.Callback], loggers: list) -> L.Trainer:
+    """Lightning's trainer as every run uses it: one endless epoch, our callbacks write checkpoints and
+    metrics, a quiet console."""
     # Lightning suggests a worker per core, and persistent workers under spawn (which restarts them
     # every epoch): one worker makes a batch faster than a step trains on it, and there is one epoch.
     warnings.filterwarnings("ignore", message=".*does not have many workers", category=PossibleUserWarning)
@@ -121,8 +133,7 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
             handler.setLevel(logging.WARNING)
     # Lightning's own deprecation inside its loop, about a torch API it calls, not ours.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")
-    loggers = build_loggers(cfg, run_dir)
-    trainer = L.Trainer(
+    return L.Trainer(
         **OmegaConf.to_container(cfg.trainer),
         callbacks=callbacks,
         logger=loggers or False,
@@ -134,8 +145,3 @@ def run(cfg: DictConfig, run_dir: Path) -> dict[str, Any]:
         limit_val_batches=0,
         num_sanity_val_steps=0,
     )
-    try:
-        trainer.fit(module, datamodule=datamodule, ckpt_path=str(ckpt) if ckpt else None, weights_only=True)
-    finally:
-        finish_loggers(loggers)
-    return summary.summary or {}

@@ -20,8 +20,8 @@ class StreamDataModule(L.LightningDataModule):
     (`state_dict`) so a resumed run sees exactly the batches an uninterrupted run would have seen.
     """
 
-    def __init__(self, generator: Generator, batch_size: int, seed: int, eval_size: int, eval_seed: int,
-                 num_workers: int = 0):
+    def __init__(self, generator: Generator, batch_size: int, seed: int | tuple[int, ...], eval_size: int,
+                 eval_seed: int, num_workers: int = 0):
         super().__init__()
         self.generator, self.batch_size, self.seed = generator, batch_size, seed
         self.num_workers = num_workers

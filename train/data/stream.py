@@ -29,8 +29,12 @@ class BatchStream(IterableDataset):
         if worker is not None:
             index, stride = index + worker.id, worker.num_workers
         while True:
-            rng = batch_rng(self.seed, index * self.world_size + self.rank)
-            yield {"tokens": self.generator(rng, self.batch_size), "index": index}
+            i = index * self.world_size + self.rank
+            if isinstance(self.seed, tuple):
+                tokens = np.stack([self.generator(batch_rng(seed, i), self.batch_size) for seed in self.seed])
+            else:
+                tokens = self.generator(batch_rng(self.seed, i), self.batch_size)
+            yield {"tokens": tokens, "index": index}
             index += stride
 
 
