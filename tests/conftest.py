@@ -43,3 +43,17 @@ def quickstart_run(tmp_path_factory):
     proc = run_train("logger=none", "trainer.max_steps=1000", run_dir=run_dir, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return run_dir
+
+
+ENSEMBLE_STEPS = 150
+
+
+@pytest.fixture(scope="session")
+def ensemble(tmp_path_factory):
+    """Two seeds of the quickstart (3 and 4) for ENSEMBLE_STEPS steps as processes, W&B offline, one
+    worker (so each member has torch's default threads, as a standalone run does)."""
+    run_dir = tmp_path_factory.mktemp("ensemble") / "ens"
+    proc = run_train("seeds=2", "seed=3", "seed_workers=1", f"trainer.max_steps={ENSEMBLE_STEPS}",
+                     "checkpoint.every_n_steps=0", run_dir=run_dir, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc

@@ -60,6 +60,14 @@ ONE_KEY_CASES = {
     "zero init_std": (["model.init_std=0"], "model.init_std=0.0: must be positive"),
     "zero seeds": (["seeds=0"], "seeds=0: must be at least 1"),
     "zero seed workers": (["seed_workers=0"], "seed_workers=0: must be at least 1"),
+    "unknown seed execution": (["seed_execution=threads"], "seed_execution=threads: expected processes or stacked"),
+    "stacked with interventions": (["seeds=2", "seed_execution=stacked",
+                                    "intervene=[{heads: [L0H0], kind: zero, from_step: 0, to_step: 10}]"],
+                                   "intervene=[...]: a stacked ensemble trains without interventions"),
+    "stacked and compiled": (["seeds=2", "seed_execution=stacked", "compile=true"],
+                             "compile=True: a stacked ensemble is not compiled"),
+    "stacked in fp16": (["seeds=2", "seed_execution=stacked", "trainer.precision=16-mixed"],
+                        "trainer.precision=16-mixed: fp16's loss scaling would couple the members"),
 }
 
 # (overrides, the start of the error line after "error: ")

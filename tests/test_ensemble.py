@@ -11,11 +11,9 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_train
+from tests.conftest import ENSEMBLE_STEPS as STEPS, ROOT, run_train
 from tests.wandb_records import summarize
 from train.ensemble_summary import spread
-
-STEPS = 150
 
 
 def analysis(capsys, *args) -> tuple[int, str]:
@@ -25,17 +23,6 @@ def analysis(capsys, *args) -> tuple[int, str]:
     capsys.readouterr()
     rc = main(list(args))
     return rc, capsys.readouterr().err
-
-
-@pytest.fixture(scope="module")
-def ensemble(tmp_path_factory):
-    """Two seeds of the quickstart for STEPS steps, W&B offline, one worker (so each member has torch's
-    default threads, as a standalone run does)."""
-    run_dir = tmp_path_factory.mktemp("ensemble") / "ens"
-    proc = run_train("seeds=2", "seed=3", "seed_workers=1", f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=0",
-                     run_dir=run_dir, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir, proc
 
 
 def test_spread_known_answer():

@@ -1,0 +1,146 @@
+"""Stacked ensembles (`seeds=N seed_execution=stacked`): the members in one model with a leading member
+dimension, each bit-identical on the CPU to the same member trained as a process (itself the standalone
+run of its seed, tests/test_ensemble.py); measured, checkpointed and logged per member; a failing member
+stops alone; a killed stack resumes bit-exactly."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_train
+from tests.wandb_records import summarize
+
+STEPS = 64  # a log-spaced checkpoint of both kinds of ensemble
+ARGS = ("seeds=2", "seed=3", "seed_execution=stacked", f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=0")
+
+
+@pytest.fixture(scope="module")
+def stacked(tmp_path_factory):
+    """Seeds 3 and 4 of the quickstart, stacked, W&B offline."""
+    run_dir = tmp_path_factory.mktemp("stacked") / "stack"
+    proc = run_train(*ARGS, run_dir=run_dir, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return run_dir, proc
+
+
+def checkpoint(run_dir, k: int, step: int = STEPS) -> dict:
+    return torch.load(run_dir / "members" / str(k) / "checkpoints" / f"step={step:07d}.ckpt", weights_only=True)
+
+
+def assert_same_member(a_dir, b_dir, k: int, step: int = STEPS) -> None:
+    """Member k of two ensembles: the same weights, optimizer state and metric rows up to `step`."""
+    a, b = checkpoint(a_dir, k, step), checkpoint(b_dir, k, step)
+    assert a.keys() == b.keys() and a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][n], b["state_dict"][n]) for n in a["state_dict"])
+    sa, sb = a["optimizer_states"][0]["state"], b["optimizer_states"][0]["state"]
+    assert all(torch.equal(sa[i][key], sb[i][key]) for i in sa for key in ("step", "exp_avg", "exp_avg_sq"))
+    assert a["optimizer_states"][0]["param_groups"] == b["optimizer_states"][0]["param_groups"]
+    assert (a["loops"], a["lr_schedulers"], a["StreamDataModule"], a["tokens_seen"], a["callbacks"]) == \
+           (b["loops"], b["lr_schedulers"], b["StreamDataModule"], b["tokens_seen"], b["callbacks"])
+    for name in ("train", "heads", "eval"):
+        ta, tb = (pq.read_table(d / "members" / str(k) / "metrics" / f"{name}.parquet").to_pandas() for d in (a_dir, b_dir))
+        ta, tb = (t[t.step <= step].reset_index(drop=True) for t in (ta, tb))
+        assert len(ta) > 0 and ta.equals(tb), name
+
+
+def test_each_stacked_member_is_bit_identical_to_the_same_member_as_a_process(stacked, ensemble):
+    """The process ensemble's members are the standalone runs of their seeds, bit for bit; so then is
+    each stacked member: weights, AdamW moments, loop and data positions, every metric row."""
+    for k in (0, 1):
+        assert_same_member(stacked[0], ensemble[0], k)
+    # and member 0 is not member 1
+    assert not torch.equal(checkpoint(stacked[0], 0)["state_dict"]["model.W_E"],
+                           checkpoint(stacked[0], 1)["state_dict"]["model.W_E"])
+
+
+def test_stacked_summary_report_wandb_and_member_loading(stacked):
+    run_dir, proc = stacked
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["status"] == "finished" and s["seeds"] == [3, 4] and s["finished"] == 2
+    assert s["execution"]["stacked"] == 2
+    assert "Ensemble finished: 2/2 seeds (3-4) finished, stacked x" in proc.stdout
+    assert "member 1 (seed 4): finished" in proc.stdout
+    for k in (0, 1):
+        member = json.loads((run_dir / "members" / str(k) / "summary.json").read_text())
+        assert member["status"] == "finished" and member["steps"] == STEPS
+    heads = pq.read_table(run_dir / "metrics" / "heads.parquet").to_pandas()
+    assert sorted(set(zip(heads.member, heads.seed))) == [(0, 3), (1, 4)]
+    # W&B: one run per member in one process, in one group named for the ensemble, each finished.
+    runs = [summarize(next((run_dir / "members" / str(k) / "wandb").glob("offline-run-*/run-*.wandb")))
+            for k in (0, 1)]
+    assert [r["group"] for r in runs] == ["stack", "stack"] and [r["name"] for r in runs] == ["stack-seed3", "stack-seed4"]
+    assert all(r["finished"] for r in runs) and runs[0]["id"] != runs[1]["id"]
+    assert max(runs[1]["global_steps"]) == STEPS
+    # A member loads as a standalone model; the stacked checkpoint holds both.
+    from analysis import Run
+
+    model = Run(run_dir / "members" / "1").model(STEPS)
+    ckpt = checkpoint(run_dir, 1)
+    assert torch.equal(model.W_E, ckpt["state_dict"]["model.W_E"])
+    both = torch.load(run_dir / "checkpoints" / "stacked.ckpt", weights_only=True)
+    assert torch.equal(both["state_dict"]["model.W_E"][1], ckpt["state_dict"]["model.W_E"])
+    assert both["alive"].tolist() == [True, True]
+
+
+def test_a_non_finite_member_stops_alone(stacked, compose_cfg, tmp_path, monkeypatch):
+    """Member 1's weights turn NaN at step 5: it fails with its own error and keeps only the checkpoints
+    before it; member 0 ends bit-identical to member 0 of the stack without the NaN."""
+    from train.ensemble import run_ensemble
+    from train.stacked import StackedLM
+
+    step_of = StackedLM.training_step
+
+    def poisoned(self, batch, batch_idx):
+        if self.global_step == 5:
+            with torch.no_grad():
+                self.model.W_U[1] = float("nan")
+        return step_of(self, batch, batch_idx)
+
+    monkeypatch.setattr(StackedLM, "training_step", poisoned)
+    run_dir = tmp_path / "nan"
+    cfg = compose_cfg(*ARGS, "logger=none", "trainer.enable_progress_bar=false")
+    lines = []
+    s = run_ensemble(cfg, run_dir, (None, "nan"), echo=lines.append)
+    assert s["status"] == "failed" and s["finished"] == 1
+    assert [(f["member"], f["seed"]) for f in s["failed"]] == [(1, 4)]
+    assert s["failed"][0]["error"].startswith("non-finite training loss at step 6")
+    assert any(line.startswith("  member 1 (seed 4): failed") for line in lines)
+    member1 = json.loads((run_dir / "members" / "1" / "summary.json").read_text())
+    assert member1["status"] == "failed" and "non-finite" in member1["error"]
+    index = json.loads((run_dir / "members" / "1" / "checkpoints" / "index.json").read_text())["checkpoints"]
+    assert [e["step"] for e in index] == [0, 1, 2, 4]
+    assert_same_member(run_dir, stacked[0], 0)
+    both = torch.load(run_dir / "checkpoints" / "stacked.ckpt", weights_only=True)
+    assert both["alive"].tolist() == [True, False]
+    assert not both["state_dict"]["model.W_U"][1].any()  # stopped at zero, where it stays
+
+
+def test_a_killed_stack_resumes_bit_exactly(stacked, tmp_path):
+    """SIGKILL after step 32's checkpoints; `resume=` with the same overrides continues from the stacked
+    checkpoint, and both members end as the uninterrupted stack's, metric rows included."""
+    run_dir = tmp_path / "stack"
+    cmd = [sys.executable, "-m", "train", *ARGS, "logger=none", "trainer.enable_progress_bar=false"]
+    proc = subprocess.Popen([*cmd, f"hydra.run.dir={run_dir}"], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    stacked_ckpt = run_dir / "checkpoints" / "stacked.ckpt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if stacked_ckpt.exists() and torch.load(stacked_ckpt, weights_only=True)["global_step"] >= 32:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+    killed_at = torch.load(stacked_ckpt, weights_only=True)["global_step"]
+    assert 32 <= killed_at < STEPS, killed_at
+    done = subprocess.run([*cmd, f"hydra.run.dir={run_dir}", f"resume={run_dir}"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for k in (0, 1):
+        assert_same_member(run_dir, stacked[0], k)
+    assert json.loads((run_dir / "summary.json").read_text())["finished"] == 2
