@@ -1,15 +1,18 @@
-"""Many seeds at once: an ensemble (`python -m train seeds=N`) against N single runs as parallel
-processes (a Hydra multirun with the joblib launcher, one job per core, one thread each), both on the
-same cores, side by side in one invocation, per-step probes on.
+"""Many seeds at once, side by side in one invocation, per-step probes on: for N in --n (default 1,4,16),
+the quickstart with --steps steps per seed (default 300) run N times
 
-For N in --n (default 1,4,16): the quickstart with --steps steps per seed (default 300); wall time of
-the whole command (process start to exit, set-up included), total tokens/s and seed-runs per hour.
-N=1 is one run with every core (the ensemble's path is then the plain run). Optionally (--stacked) the
-forward and backward pass of N stacked models in one process (`torch.func.stack_module_state` + `vmap`)
-against one model, same threads: what stacked kernels would gain on this machine.
+  processes  `python -m train seeds=N` (each member a standalone run in a worker process),
+  stacked    `python -m train seeds=N seed_execution=stacked` (every member in one model, one process),
+  parallel   N single runs as parallel processes (a Hydra multirun with the joblib launcher, one job per
+             core, one thread each): the best alternative on the same cores,
 
-    make bench-ensemble                                   # or: python scripts/bench_ensemble.py --n 1,4,16
-    python scripts/bench_ensemble.py --n 4 --steps 100 trainer=gpu   # trailing key=value: Hydra overrides
+each against one run (`python -m train`, N=1's row): wall time of the whole command (process start to
+exit, set-up included), total tokens/s, seed-runs per hour, and ratios.
+
+    make bench                                                # also runs this
+    python scripts/bench_ensemble.py --n 1,4,16
+    python scripts/bench_ensemble.py --ways stacked --n 1,16,64 --steps 200 trainer=gpu   # on a GPU
+    python scripts/bench_ensemble.py --n 4 --steps 100 model.n_layers=3   # trailing key=value: Hydra overrides
 """
 
 from __future__ import annotations
@@ -53,9 +56,13 @@ def tokens_per_step(overrides: list[str]) -> int:
     return cfg.data.batch_size * cfg.model.n_ctx
 
 
-def ensemble(n: int, steps: int, extra: list[str], out: Path) -> float:
-    return timed([sys.executable, "-m", "train", *COMMON, f"trainer.max_steps={steps}", f"seeds={n}", *extra,
-                  f"hydra.run.dir={out}"])
+def one_run(steps: int, extra: list[str], out: Path) -> float:
+    return timed([sys.executable, "-m", "train", *COMMON, f"trainer.max_steps={steps}", *extra, f"hydra.run.dir={out}"])
+
+
+def ensemble(n: int, steps: int, extra: list[str], out: Path, execution: str) -> float:
+    return timed([sys.executable, "-m", "train", *COMMON, f"trainer.max_steps={steps}", f"seeds={n}",
+                  f"seed_execution={execution}", *extra, f"hydra.run.dir={out}"])
 
 
 def parallel(n: int, steps: int, extra: list[str], out: Path) -> float:
@@ -67,82 +74,48 @@ def parallel(n: int, steps: int, extra: list[str], out: Path) -> float:
                   f"hydra.launcher.n_jobs={jobs}", *extra, f"hydra.sweep.dir={out}"], env)
 
 
-def stacked(n: int, overrides: list[str], steps: int = 20) -> tuple[float, float]:
-    """Tokens/s of the forward+backward pass: N models stacked with vmap, and one model; same threads."""
-    import torch
-    from hydra import compose, initialize_config_dir
-    from torch.func import functional_call, grad, stack_module_state, vmap
-
-    from train.build import build_model
-    from train.config import register
-
-    register()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("config", overrides=overrides)
-    b, t, v = cfg.data.batch_size, cfg.model.n_ctx, cfg.model.d_vocab
-    models = [build_model(cfg) for _ in range(n)]
-    params, buffers = stack_module_state(models)
-    base = models[0]
-
-    def loss(p, bu, tokens):
-        logits = functional_call(base, (p, bu), (tokens,))
-        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), tokens[:, 1:].reshape(-1))
-
-    step_n = vmap(grad(loss), in_dims=(0, 0, 0))
-    tokens_n = torch.randint(1, v, (n, b, t))
-    one = models[0]
-
-    def rate(fn, count: int) -> float:
-        fn()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            fn()
-        return count * b * t * steps / (time.perf_counter() - t0)
-
-    def single():
-        one.zero_grad(set_to_none=True)
-        logits = one(tokens_n[0])
-        torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, v), tokens_n[0, :, 1:].reshape(-1)).backward()
-
-    return rate(lambda: step_n(params, buffers, tokens_n), n), rate(single, 1)
+WAYS = ("processes", "stacked", "parallel")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", default="1,4,16", help="ensemble sizes (default 1,4,16)")
     ap.add_argument("--steps", type=int, default=300, help="steps per seed (default 300)")
-    ap.add_argument("--stacked", action="store_true", help="also time stacked (vmap) kernels in one process")
+    ap.add_argument("--ways", default=",".join(WAYS), help=f"which of {', '.join(WAYS)} (default all)")
     ap.add_argument("overrides", nargs="*", help="Hydra overrides for every run")
     args = ap.parse_args()
     sizes = [int(x) for x in args.n.split(",")]
+    ways = args.ways.split(",")
+    if unknown := set(ways) - set(WAYS):
+        sys.exit(f"error: --ways {args.ways}: unknown {', '.join(sorted(unknown))} (choose from {', '.join(WAYS)})")
     tps = tokens_per_step(args.overrides)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        one = ensemble(1, args.steps, args.overrides, Path(tmp) / "one")
+        one = one_run(args.steps, args.overrides, Path(tmp) / "one")
         for n in sizes:
-            e = one if n == 1 else ensemble(n, args.steps, args.overrides, Path(tmp) / f"ens{n}")
-            p = one if n == 1 else parallel(n, args.steps, args.overrides, Path(tmp) / f"par{n}")
-            tokens = n * args.steps * tps
-            rows.append({"n": n, "ensemble_s": round(e, 1), "parallel_s": round(p, 1),
-                         "ensemble_tokens_per_s": round(tokens / e), "parallel_tokens_per_s": round(tokens / p),
-                         "ensemble_seed_runs_per_hour": round(3600 * n / e, 1),
-                         "ensemble_over_parallel": round(p / e, 3), "ensemble_over_one_run": round(tokens / e / (args.steps * tps / one), 2)})
+            row = {"n": n, "tokens": n * args.steps * tps}
+            for way in ways:
+                if n == 1:
+                    row[way] = one  # one seed is one run, whichever way
+                elif way == "parallel":
+                    row[way] = parallel(n, args.steps, args.overrides, Path(tmp) / f"par{n}")
+                else:
+                    row[way] = ensemble(n, args.steps, args.overrides, Path(tmp) / f"{way}{n}", way)
+            rows.append(row)
+    one_rate = args.steps * tps / one
     print(f"{cores()} cores; quickstart, {args.steps} steps per seed, {tps} tokens per step, per-step probes on; "
-          f"wall time of the whole command\n")
-    print("| N | ensemble (s) | N parallel processes (s) | ensemble tokens/s | ensemble seed-runs/h | "
-          "ensemble / parallel | ensemble / one run (tokens/s) |\n|---|---|---|---|---|---|---|")
+          f"wall time of the whole command; one run: {one:.1f} s, {one_rate:,.0f} tokens/s\n")
+    base = "parallel" if "parallel" in ways else None
+    head = ["N"] + [f"{w} (s)" for w in ways] + [f"{w} seed-runs/h" for w in ways if w != "parallel"] + \
+           [f"{w} / one run (tokens/s)" for w in ways] + ([f"{w} / parallel" for w in ways if w != base] if base else [])
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for r in rows:
-        print(f"| {r['n']} | {r['ensemble_s']} | {r['parallel_s']} | {r['ensemble_tokens_per_s']:,} | "
-              f"{r['ensemble_seed_runs_per_hour']} | {r['ensemble_over_parallel']:.2f}x | {r['ensemble_over_one_run']:.2f}x |")
-    if args.stacked:
-        import torch
-
-        print(f"\nstacked kernels, forward + backward, {torch.get_num_threads()} thread(s):")
-        for n in sizes:
-            s, single = stacked(n, args.overrides)
-            print(f"  N={n}: {s:,.0f} tokens/s stacked vs {single:,.0f} one model: {s / single:.2f}x")
-            rows.append({"n": n, "stacked_tokens_per_s": round(s), "one_model_tokens_per_s": round(single)})
-    print("\n" + json.dumps(rows))
+        cells = [str(r["n"])] + [f"{r[w]:.1f}" for w in ways] + \
+                [f"{3600 * r['n'] / r[w]:.0f}" for w in ways if w != "parallel"] + \
+                [f"{r['tokens'] / r[w] / one_rate:.2f}x" for w in ways] + \
+                ([f"{r[base] / r[w]:.2f}x" for w in ways if w != base] if base else [])
+        print("| " + " | ".join(cells) + " |")
+    print("\n" + json.dumps([{**r, "one_run_s": round(one, 1)} for r in rows]))
 
 
 if __name__ == "__main__":

@@ -90,9 +90,18 @@ def test_stacked_summary_report_wandb_and_member_loading(stacked):
 
 def test_a_non_finite_member_stops_alone(stacked, compose_cfg, tmp_path, monkeypatch):
     """Member 1's weights turn NaN at step 5: it fails with its own error and keeps only the checkpoints
-    before it; member 0 ends bit-identical to member 0 of the stack without the NaN."""
+    before it; member 0 ends bit-identical to member 0 of the stack without the NaN. Measured here in one
+    batched pass for both members (as on a GPU): the same values, bit for bit, as measured one by one."""
+    import train.stacked
     from train.ensemble import run_ensemble
     from train.stacked import StackedLM
+
+    monkeypatch.setattr(train.stacked, "batch_measurements", lambda device: True)
+    passes = []
+    values = train.stacked.BatchedMeasurements.values
+    monkeypatch.setattr(train.stacked.BatchedMeasurements, "values",
+                        lambda self, *a: passes.append(self.cache is None or self.cache[0][0] != self.stacked.global_step)
+                        or values(self, *a))
 
     step_of = StackedLM.training_step
 
@@ -111,6 +120,7 @@ def test_a_non_finite_member_stops_alone(stacked, compose_cfg, tmp_path, monkeyp
     assert [(f["member"], f["seed"]) for f in s["failed"]] == [(1, 4)]
     assert s["failed"][0]["error"].startswith("non-finite training loss at step 6")
     assert any(line.startswith("  member 1 (seed 4): failed") for line in lines)
+    assert sum(passes) == STEPS  # one batched pass at each step but step 0 (the costly scores: per member)
     member1 = json.loads((run_dir / "members" / "1" / "summary.json").read_text())
     assert member1["status"] == "failed" and "non-finite" in member1["error"]
     index = json.loads((run_dir / "members" / "1" / "checkpoints" / "index.json").read_text())["checkpoints"]

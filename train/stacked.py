@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import os
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +39,8 @@ from .callbacks.measure import Measure
 from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
 from .data.datamodule import StreamDataModule
+from .measurements import Cadence, Measurements
+from .metrics_sink import MetricsSink
 from .ensemble_summary import member_dir
 from .errors import ConfigError
 from .interventions import Interventions
@@ -111,7 +112,9 @@ class StackedLM(InductionLM):
         grads = [p.grad for p in self.trained_parameters() if p.grad is not None]
         if not grads:
             return
-        norms = torch.stack([torch.nn.utils.get_total_norm([g[k] for g in grads]) for k in range(self.n)])
+        # [member]: each parameter's norm per member, then their norm (get_total_norm's two steps).
+        norms = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.flatten(1), dim=1) for g in grads],
+                                                     dim=1), dim=1)
         scale = torch.ones_like(norms)
         if gradient_clip_val and gradient_clip_algorithm != "value":
             scale = torch.clamp(gradient_clip_val / (norms + 1e-6), max=1.0)  # as clip_grads_with_norm_
@@ -138,6 +141,65 @@ class StackedLM(InductionLM):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.alive = checkpoint["alive"].clone()
+
+
+def batch_measurements(device: torch.device) -> bool:
+    """Whether the members' per-step measurements are one batched pass (`BatchedMeasurements`): on an
+    accelerator, where each pass costs its kernel launches; on the CPU a loop over members is faster
+    (the batched pass took 2.5x as long for 16 quickstart members) and gives the same values."""
+    return device.type != "cpu"
+
+
+class MemberCall:
+    """The stack's model with one member's parameters (inside `vmap`), called as the probes call a model."""
+
+    training = False
+
+    def __init__(self, model: AttentionOnlyTransformer, params: dict[str, Tensor]):
+        self.model, self.params, self.config = model, params, model.config
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return functional_call(self.model, self.params, args, kwargs)
+
+
+class BatchedMeasurements:
+    """Every member's per-step measurements (per-head scores, induction loss, task metrics, evaluation
+    set) in one pass over the stack, each member's Measure taking its slice. The costly scores and a
+    checkpoint's per-token losses are measured per member (they read single values, and are rare)."""
+
+    def __init__(self, measurements: Measurements, stacked: StackedLM):
+        self.measurements, self.stacked = measurements, stacked
+        self.cache: tuple[tuple, dict[str, Tensor]] | None = None
+
+    def values(self, scores: bool, evaluate: bool) -> dict[str, Tensor]:
+        key = (self.stacked.global_step, scores, evaluate)
+        if self.cache is None or self.cache[0] != key:
+            model = self.stacked.model
+            params = {name: p.detach() for name, p in model.named_parameters()}
+            measure = lambda p: self.measurements(MemberCall(model, p), scores=scores, evaluate=evaluate)  # noqa: E731
+            self.cache = key, vmap(measure)(params)
+        return self.cache[1]
+
+
+class MemberMeasurements:
+    """What a member's Measure calls as its `Measurements`: its slice of the batched pass."""
+
+    def __init__(self, batched: BatchedMeasurements, k: int):
+        self.batched, self.k = batched, k
+
+    def __getattr__(self, name: str) -> Any:  # late, early, ...: the measurements' own
+        return getattr(self.batched.measurements, name)
+
+    def to(self, device: torch.device) -> "MemberMeasurements":
+        self.batched.measurements.to(device)
+        return self
+
+    def __call__(self, model, scores: bool = True, evaluate: bool = False, circuits: bool = False,
+                 token_losses: bool = False, edits=None) -> dict[str, Tensor]:
+        if circuits or token_losses or edits or not batch_measurements(self.batched.stacked.device):
+            return self.batched.measurements(model, scores=scores, evaluate=evaluate, circuits=circuits,
+                                             token_losses=token_losses, edits=edits)
+        return {name: value[self.k] for name, value in self.batched.values(scores, evaluate).items()}
 
 
 def member_checkpoint(stacked: dict[str, Any], k: int, callbacks: dict[str, Any]) -> dict[str, Any]:
@@ -347,6 +409,18 @@ class Members(L.Callback):
             m.ended = True
 
 
+def measurements_of(cfg: DictConfig, probe: Tensor, eval_tokens: Tensor, task: dict | None, generator) -> Measurements:
+    return Measurements.of(cfg.probes, cfg.model.n_ctx, probe, eval_tokens, task=generator, task_batch=task)
+
+
+def same_batches(a: tuple, b: tuple) -> bool:
+    """Whether two members' (probe batch, evaluation set, task batch) are the same."""
+    (pa, ea, ta), (pb, eb, tb) = a, b
+    if not (torch.equal(pa, pb) and torch.equal(ea, eb)) or (ta is None) != (tb is None):
+        return False
+    return ta is None or (ta.keys() == tb.keys() and all(torch.equal(ta[key], tb[key]) for key in ta))
+
+
 def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig]) -> dict[int, str]:
     """Train the members stacked in this process; returns {member: its one-line error} for those that
     failed. `member_cfgs[k]` is member k's standalone config."""
@@ -357,17 +431,30 @@ def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig])
         if not stacked_ckpt.exists():
             raise ConfigError(f"resume={run_dir}: no {CHECKPOINTS}/{STACKED} (the stacked ensemble wrote no checkpoint)")
         check_member_resume(member_cfgs[0], member_dir(run_dir, 0))  # the same model, data, optimizer, probes
-    models, members, generator = [], [], None
-    for k, mcfg in enumerate(member_cfgs):
-        d = member_dir(run_dir, k)
+    models, generators, batches = [], [], []
+    for mcfg in member_cfgs:
         # As `run` builds a standalone run: the same draws from the same seed give the same weights.
         L.seed_everything(mcfg.seed, workers=True, verbose=False)
         gen = build_generator(mcfg)
-        generator = generator or gen
         models.append(build_model(mcfg))
-        data = StreamDataModule(gen, mcfg.data.batch_size, mcfg.data.seed, mcfg.data.eval_size, mcfg.data.eval_seed)
-        measure = Measure.of(d, mcfg.probes, mcfg.model.n_ctx, probe_tokens(mcfg, gen), data.eval_tokens(),
-                             task=gen, task_batch=task_batch(mcfg, gen))
+        data = mcfg.data
+        eval_tokens = StreamDataModule(gen, data.batch_size, data.seed, data.eval_size, data.eval_seed).eval_tokens()
+        generators.append(gen)
+        batches.append((probe_tokens(mcfg, gen), eval_tokens, task_batch(mcfg, gen)))
+    module = StackedLM(models, OmegaConf.to_container(cfg.optim), cfg.trainer.max_steps)
+    # The probe batch, evaluation set and task batch come from the probe and evaluation seeds, not the
+    # run's: one set for all members (and one batched pass, on an accelerator) unless a config ties
+    # them to the seed.
+    shared = all(same_batches(b, batches[0]) for b in batches)
+    if shared:
+        batched = BatchedMeasurements(measurements_of(cfg, *batches[0], generators[0]), module)
+        del generators[1:], batches[1:]
+    members = []
+    for k, mcfg in enumerate(member_cfgs):
+        d = member_dir(run_dir, k)
+        measurements = MemberMeasurements(batched, k) if shared else measurements_of(mcfg, *batches[k], generators[k])
+        measure = Measure(measurements, MetricsSink(d, mcfg.probes.heatmap_every_n_steps), Cadence.of(mcfg.probes),
+                          mcfg.probes.flush_every_n_steps, background=False)
         if not cfg.resume:
             write_text(d / CONFIG, OmegaConf.to_yaml(mcfg, resolve=True))
         guard = FiniteGuard(mcfg.probes.flush_every_n_steps)
@@ -376,10 +463,9 @@ def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig])
         summary = RunSummary(d, measure, mcfg)
         callbacks = [guard, measure, *([checkpointer] if checkpointer else []), summary]
         members.append(Member(k, mcfg, d, callbacks, build_loggers(mcfg, d, concurrent=True), checkpointer, summary))
-    module = StackedLM(models, OmegaConf.to_container(cfg.optim), cfg.trainer.max_steps)
-    d = cfg.data
-    datamodule = StreamDataModule(generator, d.batch_size, tuple(m.data.seed for m in member_cfgs), d.eval_size,
-                                  d.eval_seed, d.num_workers)
+    data = cfg.data
+    datamodule = StreamDataModule(generators[0], data.batch_size, tuple(m.data.seed for m in member_cfgs),
+                                  data.eval_size, data.eval_seed, data.num_workers)
     fan_out = Members(members, run_dir)
     callbacks: list[L.Callback] = [fan_out]
     if cfg.trainer.enable_progress_bar:
