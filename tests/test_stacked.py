@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +17,7 @@ import torch
 from tests.conftest import ROOT, run_train
 from tests.wandb_records import summarize
 
+PROC = Path("/proc")
 STEPS = 64  # a log-spaced checkpoint of both kinds of ensemble
 ARGS = ("seeds=2", "seed=3", "seed_execution=stacked", f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=0")
 
@@ -144,8 +146,15 @@ def test_a_killed_stack_resumes_bit_exactly(stacked, tmp_path):
         if stacked_ckpt.exists() and torch.load(stacked_ckpt, weights_only=True)["global_step"] >= 32:
             break
         time.sleep(0.05)
+    loader = [int(pid) for pid in (PROC / str(proc.pid) / "task" / str(proc.pid) / "children")
+              .read_text().split()]
+    assert loader  # the data-loader worker
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=60)
+    deadline = time.time() + 10  # it ends with the killed run (train/parent_watch.py)
+    while time.time() < deadline and any((PROC / str(pid)).exists() for pid in loader):
+        time.sleep(0.1)
+    assert not any((PROC / str(pid)).exists() for pid in loader)
     killed_at = torch.load(stacked_ckpt, weights_only=True)["global_step"]
     assert 32 <= killed_at < STEPS, killed_at
     done = subprocess.run([*cmd, f"hydra.run.dir={run_dir}", f"resume={run_dir}"], cwd=ROOT, capture_output=True,

@@ -19,7 +19,6 @@ import logging
 import multiprocessing
 import os
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -29,6 +28,7 @@ from .config import validate
 from .ensemble_summary import MEMBERS, concat_tables, is_ensemble, member_dir, summarize_ensemble
 from .environment import usable_cores
 from .errors import ConfigError
+from .parent_watch import exit_with_parent
 from .rundir import CONFIG, SUMMARY, read_json, write_json, write_text
 
 
@@ -69,12 +69,7 @@ def start_worker(threads: int | None, parent: int) -> None:
 
         torch.set_num_threads(threads)
 
-    def watch() -> None:
-        while os.getppid() == parent:
-            time.sleep(0.5)
-        os._exit(143)
-
-    threading.Thread(target=watch, daemon=True, name="ensemble-parent-watch").start()
+    exit_with_parent(parent)
 
 
 def train_member(cfg: DictConfig, run_dir: str) -> str | None:

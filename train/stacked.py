@@ -105,8 +105,8 @@ class StackedLM(InductionLM):
         return loss.sum()
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        """Clip each member by its own global norm, computed as a standalone run computes it (the same
-        reductions over the same tensors, so the same bits), and zero a stopped member's gradients."""
+        """Clip each member by its own global norm (on the CPU the same bits as a standalone run's norm:
+        tests/test_stacked.py), and zero a stopped member's gradients."""
         if gradient_clip_algorithm == "value":  # elementwise: each member's own already
             L.LightningModule.configure_gradient_clipping(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
         grads = [p.grad for p in self.trained_parameters() if p.grad is not None]

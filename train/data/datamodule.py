@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader
 
+from ..parent_watch import loader_worker_init
 from .stream import BatchStream, Generator, as_made
 from .synthetic import batch_rng
 
@@ -37,9 +38,11 @@ class StreamDataModule(L.LightningDataModule):
         stream = BatchStream(self.generator, self.batch_size, self.seed, self.next_batch, self.rank, self.world_size)
         # An explicit start method: inside joblib's processes the default is loky's, which cannot start a
         # loader worker. Fork (Linux) starts one at once; spawn (elsewhere) pickles the stream.
-        context = ("fork" if sys.platform == "linux" else "spawn") if self.num_workers else None
+        # A worker ends with this process, even when it is killed (train/parent_watch.py).
+        context, init = (("fork" if sys.platform == "linux" else "spawn"), loader_worker_init) if self.num_workers \
+            else (None, None)
         return DataLoader(stream, batch_size=None, num_workers=self.num_workers, collate_fn=as_made,
-                          multiprocessing_context=context)
+                          multiprocessing_context=context, worker_init_fn=init)
 
     def on_before_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         # Called for the batch about to be trained on (not for prefetched ones).
