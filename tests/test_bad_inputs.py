@@ -277,6 +277,8 @@ RESUME_CASES = {
     "tensor, not a checkpoint": (not_a_dict, [], "{ckpt}: not a checkpoint of this harness"),
     "model config mismatch": (lambda p: None, ["model.n_heads=2"], "model.n_heads=2: the run being resumed used 4"),
     "data config mismatch": (lambda p: None, ["data.batch_size=16"], "data.batch_size=16: the run being resumed used 32"),
+    "optimizer mismatch": (lambda p: None, ["optim.lr=0.001"], "optim.lr=0.001: the run being resumed used 0.005"),
+    "probes mismatch": (lambda p: None, ["probes.rep_len=10"], "probes.rep_len=10: the run being resumed used"),
 }
 
 

@@ -20,27 +20,17 @@ def make_run(tmp_path):
     return run
 
 
-def test_resume_refuses_truncated_foreign_and_missing_checkpoints(tmp_path):
+def test_resume_never_runs_code_in_a_checkpoint(tmp_path):
+    """Through the CLI: a checkpoint that is a pickle running code when loaded without `weights_only` is
+    refused in one line and never run. (Truncated, foreign and missing files: tests/test_bad_inputs.py.)"""
     run = make_run(tmp_path)
     last = run / "checkpoints" / "step=0000004.ckpt"
-    data = last.read_bytes()
-    last.write_bytes(data[: len(data) // 2])
+    with open(last, "wb") as f:
+        pickle.dump({"state_dict": Exploit()}, f)
     proc = run_train("logger=none", "trainer.max_steps=8", f"resume={run}", run_dir=run, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {last}: not a loadable checkpoint")
-
-    with open(last, "wb") as f:  # a pickle that would run code when loaded without weights_only
-        pickle.dump({"state_dict": Exploit()}, f)
-    proc = run_train("logger=none", "trainer.max_steps=8", f"resume={run}", run_dir=run, timeout=300)
-    assert proc.returncode == 2 and "not a loadable checkpoint" in proc.stderr
     assert not (tmp_path / "EXPLOITED").exists() and not (run / "EXPLOITED").exists()
-
-    last.unlink()
-    proc = run_train("logger=none", "trainer.max_steps=8", f"resume={run}", run_dir=run, timeout=300)
-    assert proc.returncode == 2 and f"error: {last}: checkpoint not found" in proc.stderr
-
-    proc = run_train("logger=none", f"resume={tmp_path / 'nowhere'}", run_dir=tmp_path / "nowhere", timeout=300)
-    assert proc.returncode == 2 and "not a run directory" in proc.stderr
 
 
 def test_load_model_refuses_code(tmp_path):

@@ -145,7 +145,7 @@ def run_ensemble(cfg: DictConfig, run_dir: Path, wandb_identity: tuple[str | Non
 
     started = time.time()
     if cfg.seed_execution == "stacked":
-        return run_stacked(cfg, run_dir, group, name, pending, echo)
+        return run_stacked(cfg, run_dir, group, name, pending, generator, echo)
     errors: dict[int, str] = {}
     pool = cf.ProcessPoolExecutor(max(1, min(workers, len(pending))), mp_context=multiprocessing.get_context("spawn"),
                                   initializer=start_worker, initargs=(threads, os.getpid()))
@@ -174,7 +174,7 @@ def run_ensemble(cfg: DictConfig, run_dir: Path, wandb_identity: tuple[str | Non
                               {"workers": workers, "threads": threads})
 
 
-def run_stacked(cfg: DictConfig, run_dir: Path, group: str, name: str, pending: list[int], echo) -> dict:
+def run_stacked(cfg: DictConfig, run_dir: Path, group: str, name: str, pending: list[int], generator, echo) -> dict:
     """`seed_execution=stacked`: every member in one model, in this process (train/stacked.py)."""
     import torch
 
@@ -182,8 +182,8 @@ def run_stacked(cfg: DictConfig, run_dir: Path, group: str, name: str, pending: 
 
     started = time.time()
     seeds = [cfg.seed + k for k in range(cfg.seeds)]
-    errors = train_stacked(cfg, run_dir, [member_config(cfg, k, run_dir, group, name) for k in range(cfg.seeds)]) \
-        if pending else {}
+    members = [member_config(cfg, k, run_dir, group, name) for k in range(cfg.seeds)]
+    errors = train_stacked(cfg, run_dir, members, generator) if pending else {}
     for k in range(cfg.seeds):
         echo(member_line(run_dir, k, seeds[k], errors.get(k), time.time() - started))
     concat_tables(run_dir, seeds)

@@ -33,7 +33,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-from .build import build_generator, build_model, probe_tokens, task_batch
+from .build import build_model, probe_tokens, task_batch
 from .callbacks.checkpoint import FiniteGuard, ScheduledCheckpoint
 from .callbacks.measure import Measure
 from .callbacks.progress import StepProgressBar
@@ -409,21 +409,10 @@ class Members(L.Callback):
             m.ended = True
 
 
-def measurements_of(cfg: DictConfig, probe: Tensor, eval_tokens: Tensor, task: dict | None, generator) -> Measurements:
-    return Measurements.of(cfg.probes, cfg.model.n_ctx, probe, eval_tokens, task=generator, task_batch=task)
-
-
-def same_batches(a: tuple, b: tuple) -> bool:
-    """Whether two members' (probe batch, evaluation set, task batch) are the same."""
-    (pa, ea, ta), (pb, eb, tb) = a, b
-    if not (torch.equal(pa, pb) and torch.equal(ea, eb)) or (ta is None) != (tb is None):
-        return False
-    return ta is None or (ta.keys() == tb.keys() and all(torch.equal(ta[key], tb[key]) for key in ta))
-
-
-def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig]) -> dict[int, str]:
+def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig], generator) -> dict[int, str]:
     """Train the members stacked in this process; returns {member: its one-line error} for those that
-    failed. `member_cfgs[k]` is member k's standalone config."""
+    failed. `member_cfgs[k]` is member k's standalone config; `generator` the data option's generator
+    (one for all: it depends on the data config, not on the seed)."""
     from .run import check_resume as check_member_resume, make_trainer
 
     stacked_ckpt = run_dir / CHECKPOINTS / STACKED
@@ -431,28 +420,30 @@ def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig])
         if not stacked_ckpt.exists():
             raise ConfigError(f"resume={run_dir}: no {CHECKPOINTS}/{STACKED} (the stacked ensemble wrote no checkpoint)")
         check_member_resume(member_cfgs[0], member_dir(run_dir, 0))  # the same model, data, optimizer, probes
-    models, generators, batches = [], [], []
+    models = []
     for mcfg in member_cfgs:
-        # As `run` builds a standalone run: the same draws from the same seed give the same weights.
+        # As `run` builds a standalone run: the same draws from the same seed give the same weights (the
+        # data generators draw from their own seeded generators, never the global ones).
         L.seed_everything(mcfg.seed, workers=True, verbose=False)
-        gen = build_generator(mcfg)
         models.append(build_model(mcfg))
-        data = mcfg.data
-        eval_tokens = StreamDataModule(gen, data.batch_size, data.seed, data.eval_size, data.eval_seed).eval_tokens()
-        generators.append(gen)
-        batches.append((probe_tokens(mcfg, gen), eval_tokens, task_batch(mcfg, gen)))
     module = StackedLM(models, OmegaConf.to_container(cfg.optim), cfg.trainer.max_steps)
-    # The probe batch, evaluation set and task batch come from the probe and evaluation seeds, not the
-    # run's: one set for all members (and one batched pass, on an accelerator) unless a config ties
-    # them to the seed.
-    shared = all(same_batches(b, batches[0]) for b in batches)
-    if shared:
-        batched = BatchedMeasurements(measurements_of(cfg, *batches[0], generators[0]), module)
-        del generators[1:], batches[1:]
+
+    def measurements_of(mcfg: DictConfig) -> Measurements:
+        d = mcfg.data
+        eval_tokens = StreamDataModule(generator, d.batch_size, d.seed, d.eval_size, d.eval_seed).eval_tokens()
+        return Measurements.of(mcfg.probes, mcfg.model.n_ctx, probe_tokens(mcfg, generator), eval_tokens,
+                               task=generator, task_batch=task_batch(mcfg, generator))
+
+    # The probe batch, evaluation set and task batch come from the probes' and the evaluation set's own
+    # seeds, not the run's: one set for all members, measured in one batched pass on an accelerator,
+    # unless a config ties them to the run's seed.
+    inputs = [(m.probes, m.data.eval_seed, m.data.eval_size) for m in member_cfgs]
+    batched = BatchedMeasurements(measurements_of(member_cfgs[0]), module) if all(i == inputs[0] for i in inputs) \
+        else None
     members = []
     for k, mcfg in enumerate(member_cfgs):
         d = member_dir(run_dir, k)
-        measurements = MemberMeasurements(batched, k) if shared else measurements_of(mcfg, *batches[k], generators[k])
+        measurements = MemberMeasurements(batched, k) if batched else measurements_of(mcfg)
         measure = Measure(measurements, MetricsSink(d, mcfg.probes.heatmap_every_n_steps), Cadence.of(mcfg.probes),
                           mcfg.probes.flush_every_n_steps, background=False)
         if not cfg.resume:
@@ -464,7 +455,7 @@ def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig])
         callbacks = [guard, measure, *([checkpointer] if checkpointer else []), summary]
         members.append(Member(k, mcfg, d, callbacks, build_loggers(mcfg, d, concurrent=True), checkpointer, summary))
     data = cfg.data
-    datamodule = StreamDataModule(generators[0], data.batch_size, tuple(m.data.seed for m in member_cfgs),
+    datamodule = StreamDataModule(generator, data.batch_size, tuple(m.data.seed for m in member_cfgs),
                                   data.eval_size, data.eval_seed, data.num_workers)
     fan_out = Members(members, run_dir)
     callbacks: list[L.Callback] = [fan_out]
