@@ -64,6 +64,8 @@ ONE_KEY_CASES = {
     "stacked with interventions": (["seeds=2", "seed_execution=stacked",
                                     "intervene=[{heads: [L0H0], kind: zero, from_step: 0, to_step: 10}]"],
                                    "intervene=[...]: a stacked ensemble trains without interventions"),
+    "stacked with workers": (["seeds=2", "seed_execution=stacked", "seed_workers=2"],
+                             "seed_workers=2: a stacked ensemble trains every member in this process"),
     "stacked and compiled": (["seeds=2", "seed_execution=stacked", "compile=true"],
                              "compile=True: a stacked ensemble is not compiled"),
     "stacked in fp16": (["seeds=2", "seed_execution=stacked", "trainer.precision=16-mixed"],

@@ -337,6 +337,8 @@ def validate(cfg: DictConfig) -> None:
         _require(not cfg.intervene, "intervene", "[...]", "a stacked ensemble trains without interventions; "
                  "use seed_execution=processes")
         _require(not cfg.compile, "compile", cfg.compile, "a stacked ensemble is not compiled; use compile=false")
+        _require(cfg.seed_workers is None, "seed_workers", cfg.seed_workers,
+                 "a stacked ensemble trains every member in this process; leave seed_workers unset")
         _require(str(t.precision) not in ("16", "16-mixed"), "trainer.precision", t.precision,
                  "fp16's loss scaling would couple the members of a stacked ensemble; use bf16-mixed or 32")
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",

@@ -310,6 +310,8 @@ class Members(L.Callback):
     def save_member(self, k: int, path: Path) -> None:
         step = self.trainer.global_step
         if self.dump is None or self.dump[0] != step:
+            # Lightning's own checkpoint of the stacked module (what `trainer.save_checkpoint` writes), once
+            # per step however many members save at it.
             self.dump = step, self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
         m = self.members[k]
         own = {"ScheduledCheckpoint": m.checkpointer.state_dict()} if m.checkpointer else {}
