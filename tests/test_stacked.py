@@ -94,14 +94,14 @@ def test_a_non_finite_member_stops_alone(stacked, compose_cfg, tmp_path, monkeyp
     """Member 1's weights turn NaN at step 5: it fails with its own error and keeps only the checkpoints
     before it; member 0 ends bit-identical to member 0 of the stack without the NaN. Measured here in one
     batched pass for both members (as on a GPU): the same values, bit for bit, as measured one by one."""
-    import train.stacked
+    import train.stacked_members as members
     from train.ensemble import run_ensemble
     from train.stacked import StackedLM
 
-    monkeypatch.setattr(train.stacked, "batch_measurements", lambda device: True)
+    monkeypatch.setattr(members, "batch_measurements", lambda device: True)
     passes = []
-    values = train.stacked.BatchedMeasurements.values
-    monkeypatch.setattr(train.stacked.BatchedMeasurements, "values",
+    values = members.BatchedMeasurements.values
+    monkeypatch.setattr(members.BatchedMeasurements, "values",
                         lambda self, *a: passes.append(self.cache is None or self.cache[0][0] != self.stacked.global_step)
                         or values(self, *a))
 

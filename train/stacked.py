@@ -7,12 +7,12 @@ is; on a CPU, processes (train/ensemble.py) are faster.
 Members stay independent: the loss is each member's own mean and their sum is differentiated (so each
 member's gradients are its own), gradients are clipped by each member's norm, AdamW is elementwise, and
 the learning-rate schedule is the same function of the step for all. Each member is measured by the same
-callbacks as a standalone run, on a model whose parameters are views into the stack (`Members`), into
-its own run directory: metrics, summary, checkpoints (standalone checkpoints: a member resumes and loads
-as a run of its own) and W&B run. A member whose loss or gradients turn non-finite stops alone: its
-callbacks end as a failed run's do, and its weights and optimizer state are set to zero, where zero
-gradients keep them. `RUN_DIR/checkpoints/stacked.ckpt` holds all members at the last checkpointed step;
-`resume=RUN_DIR` continues from it.
+callbacks as a standalone run, on a model whose parameters are views into the stack (`Members`,
+train/stacked_members.py), into its own run directory: metrics, summary, checkpoints (standalone
+checkpoints: a member resumes and loads as a run of its own) and W&B run. A member whose loss or
+gradients turn non-finite stops alone: its callbacks end as a failed run's do, and its weights and
+optimizer state are set to zero, where zero gradients keep them. `RUN_DIR/checkpoints/stacked.ckpt`
+holds all members at the last checkpointed step; `resume=RUN_DIR` continues from it.
 
 On the CPU each member is bit-identical to the standalone run of its seed with the same thread count
 (tests/test_stacked.py).
@@ -21,9 +21,7 @@ On the CPU each member is bit-identical to the standalone run of its seed with t
 from __future__ import annotations
 
 import copy
-import os
 import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -39,18 +37,16 @@ from .callbacks.measure import Measure
 from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
 from .data.datamodule import StreamDataModule
-from .measurements import Cadence, Measurements
-from .metrics_sink import MetricsSink
 from .ensemble_summary import member_dir
 from .errors import ConfigError
-from .interventions import Interventions
 from .loggers import build_loggers, finish_loggers
+from .measurements import Cadence, Measurements
+from .metrics_sink import MetricsSink
 from .model import AttentionOnlyTransformer
 from .module import InductionLM
 from .probes import per_token_loss
-from .rundir import CHECKPOINTS, CONFIG, named, write_text
-
-STACKED = "stacked.ckpt"
+from .rundir import CHECKPOINTS, CONFIG, write_text
+from .stacked_members import STACKED, BatchedMeasurements, Member, MemberMeasurements, Members
 
 # On the CPU, vmap runs the fused attention kernel once per member (it has no batching rule there) and
 # says so at every step; the result is the same.
@@ -141,274 +137,6 @@ class StackedLM(InductionLM):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_load_checkpoint(checkpoint)
         self.alive = checkpoint["alive"].clone()
-
-
-def batch_measurements(device: torch.device) -> bool:
-    """Whether the members' per-step measurements are one batched pass (`BatchedMeasurements`): on an
-    accelerator, where each pass costs its kernel launches; on the CPU a loop over members is faster
-    (the batched pass took 2.5x as long for 16 quickstart members) and gives the same values."""
-    return device.type != "cpu"
-
-
-class MemberCall:
-    """The stack's model with one member's parameters (inside `vmap`), called as the probes call a model."""
-
-    training = False
-
-    def __init__(self, model: AttentionOnlyTransformer, params: dict[str, Tensor]):
-        self.model, self.params, self.config = model, params, model.config
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return functional_call(self.model, self.params, args, kwargs)
-
-
-class BatchedMeasurements:
-    """Every member's per-step measurements (per-head scores, induction loss, task metrics, evaluation
-    set) in one pass over the stack, each member's Measure taking its slice. The costly scores and a
-    checkpoint's per-token losses are measured per member (they read single values, and are rare)."""
-
-    def __init__(self, measurements: Measurements, stacked: StackedLM):
-        self.measurements, self.stacked = measurements, stacked
-        self.cache: tuple[tuple, dict[str, Tensor]] | None = None
-
-    def values(self, scores: bool, evaluate: bool) -> dict[str, Tensor]:
-        key = (self.stacked.global_step, scores, evaluate)
-        if self.cache is None or self.cache[0] != key:
-            model = self.stacked.model
-            params = {name: p.detach() for name, p in model.named_parameters()}
-            measure = lambda p: self.measurements(MemberCall(model, p), scores=scores, evaluate=evaluate)  # noqa: E731
-            self.cache = key, vmap(measure)(params)
-        return self.cache[1]
-
-
-class MemberMeasurements:
-    """What a member's Measure calls as its `Measurements`: its slice of the batched pass."""
-
-    def __init__(self, batched: BatchedMeasurements, k: int):
-        self.batched, self.k = batched, k
-
-    def __getattr__(self, name: str) -> Any:  # late, early, ...: the measurements' own
-        return getattr(self.batched.measurements, name)
-
-    def to(self, device: torch.device) -> "MemberMeasurements":
-        self.batched.measurements.to(device)
-        return self
-
-    def __call__(self, model, scores: bool = True, evaluate: bool = False, circuits: bool = False,
-                 token_losses: bool = False, edits=None) -> dict[str, Tensor]:
-        if circuits or token_losses or edits or not batch_measurements(self.batched.stacked.device):
-            return self.batched.measurements(model, scores=scores, evaluate=evaluate, circuits=circuits,
-                                             token_losses=token_losses, edits=edits)
-        return {name: value[self.k] for name, value in self.batched.values(scores, evaluate).items()}
-
-
-def member_checkpoint(stacked: dict[str, Any], k: int, callbacks: dict[str, Any]) -> dict[str, Any]:
-    """Member k's checkpoint, as its standalone run writes it, from the stacked module's: its slice of
-    every weight and optimizer moment, the shared loop, schedule and data positions, its own callbacks."""
-    ckpt = {key: value for key, value in stacked.items() if key not in ("state_dict", "optimizer_states", "alive")}
-    ckpt["state_dict"] = {name: t[k].clone() for name, t in stacked["state_dict"].items()}
-    ckpt["optimizer_states"] = [
-        {"state": {i: {key: v[k].clone() if torch.is_tensor(v) and v.dim() > 0 else v for key, v in s.items()}
-                   for i, s in opt["state"].items()},
-         "param_groups": opt["param_groups"]}
-        for opt in stacked["optimizer_states"]]
-    ckpt["callbacks"] = callbacks
-    return ckpt
-
-
-class MemberTrainer:
-    """What a run's callbacks read from Lightning's trainer, for one member of a stacked ensemble."""
-
-    is_global_zero = True
-    world_size = 1
-
-    def __init__(self, members: "Members", k: int, trainer: L.Trainer, loggers: list):
-        self.members, self.k, self.trainer, self.loggers = members, k, trainer, loggers
-
-    @property
-    def global_step(self) -> int:
-        return self.trainer.global_step
-
-    @property
-    def precision_plugin(self):
-        return self.trainer.precision_plugin
-
-    @property
-    def strategy(self):
-        return self.trainer.strategy
-
-    def save_checkpoint(self, path: str | Path, weights_only: bool = False) -> None:
-        self.members.save_member(self.k, Path(path))
-
-
-class MemberModule:
-    """What a run's callbacks read from its LightningModule, for member k: its model (views into the
-    stack), loss, per-position losses and gradient norm (its slices of the stacked module's)."""
-
-    interventions = Interventions([])
-
-    def __init__(self, stacked: StackedLM, k: int, trainer: MemberTrainer):
-        self.stacked, self.k, self.trainer = stacked, k, trainer
-        self.model = stacked.member_models[k]
-
-    device = property(lambda self: self.stacked.device)
-    tokens_seen = property(lambda self: self.stacked.tokens_seen)
-    environment_changes = property(lambda self: self.stacked.environment_changes)
-    last_token_losses = property(lambda self: self.stacked.last_token_losses[self.k])
-    last_loss = property(lambda self: self.stacked.member_losses[self.k])
-
-    @property
-    def last_grad_norm(self) -> Tensor | None:
-        norms = self.stacked.last_grad_norm
-        return None if norms is None else norms[self.k]
-
-
-@dataclass
-class Member:
-    k: int
-    cfg: DictConfig
-    run_dir: Path
-    callbacks: list[L.Callback]
-    loggers: list
-    checkpointer: ScheduledCheckpoint | None
-    summary: RunSummary
-    error: str | None = None
-    ended: bool = False  # failed, or its callbacks have ended
-    closed: bool = False  # its callbacks torn down and loggers finished
-    proxies: tuple[MemberTrainer, MemberModule] | None = field(default=None, repr=False)
-
-
-class Members(L.Callback):
-    """Every member's callbacks, as its standalone run has them, called at each of Lightning's hooks
-    with the member's views of the trainer and the module. A member's callback that raises (a non-finite
-    loss, a full disk) ends that member as the exception would end its standalone run; the others go on.
-    After every step at which a member wrote a checkpoint, the stacked checkpoint is written too."""
-
-    def __init__(self, members: list[Member], run_dir: Path):
-        self.members, self.run_dir = members, Path(run_dir)
-        self.trainer: L.Trainer | None = None
-        self.module: StackedLM | None = None
-        self.dump: tuple[int, dict] | None = None  # (step, the stacked module's checkpoint at that step)
-        self.saved_at = -1
-
-    @property
-    def state_key(self) -> str:
-        return "Members"
-
-    def state_dict(self) -> dict:
-        return {"errors": {m.k: m.error for m in self.members if m.error},
-                "checkpointers": {m.k: m.checkpointer.state_dict() for m in self.members if m.checkpointer}}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        for m in self.members:
-            m.error = state_dict["errors"].get(m.k)
-            m.ended = m.error is not None
-            if m.checkpointer is not None and m.k in state_dict["checkpointers"]:
-                m.checkpointer.load_state_dict(state_dict["checkpointers"][m.k])
-
-    # --- checkpoints -----------------------------------------------------------------------------
-    def save_member(self, k: int, path: Path) -> None:
-        step = self.trainer.global_step
-        if self.dump is None or self.dump[0] != step:
-            # Lightning's own checkpoint of the stacked module (what `trainer.save_checkpoint` writes), once
-            # per step however many members save at it.
-            self.dump = step, self.trainer._checkpoint_connector.dump_checkpoint(weights_only=False)
-        m = self.members[k]
-        own = {"ScheduledCheckpoint": m.checkpointer.state_dict()} if m.checkpointer else {}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(member_checkpoint(self.dump[1], k, own), path)
-        self.saved_at = step
-
-    def save_stacked(self) -> None:
-        """All members at this step, atomically: what `resume=` continues from."""
-        final = self.run_dir / CHECKPOINTS / STACKED
-        tmp = final.with_name(f".{STACKED}.tmp")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.trainer.save_checkpoint(tmp, weights_only=False)
-            os.replace(tmp, final)
-        except BaseException as e:
-            tmp.unlink(missing_ok=True)
-            err = named(e, final)
-            if err is e:
-                raise
-            raise err from e
-        self.dump = None
-
-    # --- fan-out ---------------------------------------------------------------------------------
-    def each(self, hook: str, *args: Any) -> None:
-        """Call `hook` of every running member's callbacks; a member whose callback raises ends there."""
-        for m in self.members:
-            if m.ended:
-                continue
-            trainer, module = m.proxies
-            try:
-                for cb in m.callbacks:
-                    getattr(cb, hook)(trainer, module, *args)
-            except Exception as e:
-                self.end(m, e)
-
-    def end(self, m: Member, error: BaseException) -> None:
-        """Member m failed: its callbacks see the exception as its standalone run's would, then it stops."""
-        from .__main__ import one_line
-
-        m.error, m.ended = one_line(error), True
-        trainer, module = m.proxies
-        for cb in m.callbacks:
-            try:
-                cb.on_exception(trainer, module, error)
-            except Exception:
-                pass  # the member is failing already; the first error is the one reported
-        self.close(m)
-        self.module.stop(m.k, self.trainer.optimizers[0])
-
-    def close(self, m: Member) -> None:
-        if m.closed:
-            return
-        m.closed = True
-        trainer, module = m.proxies
-        for cb in m.callbacks:
-            cb.teardown(trainer, module, "fit")
-        for logger in m.loggers:
-            logger.finalize("success" if m.error is None else "failed")
-        finish_loggers(m.loggers)
-
-    def on_train_start(self, trainer: L.Trainer, module: StackedLM) -> None:
-        self.trainer, self.module = trainer, module
-        module.bind_members()
-        for m in self.members:
-            mt = MemberTrainer(self, m.k, trainer, m.loggers)
-            m.proxies = mt, MemberModule(module, m.k, mt)
-        self.each("on_train_start")
-        if self.saved_at == trainer.global_step:
-            self.save_stacked()
-
-    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        for m in self.members:
-            if m.ended:
-                continue
-            trainer_k, module_k = m.proxies
-            try:
-                for cb in m.callbacks:
-                    cb.on_train_batch_end(trainer_k, module_k, {"loss": module.member_losses[m.k]}, None, batch_idx)
-            except Exception as e:
-                self.end(m, e)
-        if self.saved_at == trainer.global_step:
-            self.save_stacked()
-
-    def on_train_end(self, trainer, module) -> None:
-        self.each("on_train_end")
-        if self.saved_at == trainer.global_step:
-            self.save_stacked()
-
-    def on_exception(self, trainer, module, exception: BaseException) -> None:
-        self.each("on_exception", exception)
-
-    def teardown(self, trainer, module, stage: str) -> None:
-        for m in self.members:
-            if m.proxies is not None:
-                self.close(m)
-            m.ended = True
 
 
 def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig], generator) -> dict[int, str]:
