@@ -230,15 +230,17 @@ class Members(L.Callback):
         self.dump = None
 
     # --- fan-out ---------------------------------------------------------------------------------
-    def each(self, hook: str, *args: Any) -> None:
-        """Call `hook` of every running member's callbacks; a member whose callback raises ends there."""
+    def each(self, hook: str, *args: Any, losses: Tensor | None = None) -> None:
+        """Call `hook` of every running member's callbacks (with `losses`: first the member's step
+        outputs, `{"loss": losses[k]}`); a member whose callback raises ends there."""
         for m in self.members:
             if m.ended:
                 continue
             trainer, module = m.proxies
+            outputs = () if losses is None else ({"loss": losses[m.k]},)
             try:
                 for cb in m.callbacks:
-                    getattr(cb, hook)(trainer, module, *args)
+                    getattr(cb, hook)(trainer, module, *outputs, *args)
             except Exception as e:
                 self.end(m, e)
 
@@ -278,15 +280,7 @@ class Members(L.Callback):
             self.save_stacked()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        for m in self.members:
-            if m.ended:
-                continue
-            trainer_k, module_k = m.proxies
-            try:
-                for cb in m.callbacks:
-                    cb.on_train_batch_end(trainer_k, module_k, {"loss": module.member_losses[m.k]}, None, batch_idx)
-            except Exception as e:
-                self.end(m, e)
+        self.each("on_train_batch_end", None, batch_idx, losses=module.member_losses)
         if self.saved_at == trainer.global_step:
             self.save_stacked()
 
