@@ -47,8 +47,8 @@ figures: setup
 	echo "$(BIN)/python -m analysis figures $$run --out figures $(ARGS)"; \
 	$(BIN)/python -m analysis figures "$$run" --out figures $(ARGS)
 
-# The harness against a plain loop and TransformerLens, then many seeds: an ensemble against parallel
-# processes (ENSEMBLE_ARGS, e.g. "--n 1,4 --steps 100").
+# The harness against a plain loop and TransformerLens, then many seeds: process and stacked ensembles
+# against parallel processes (ENSEMBLE_ARGS, e.g. "--n 1,4 --steps 100").
 bench: setup
 	$(BIN)/python scripts/bench.py $(ARGS)
 	$(BIN)/python scripts/bench_ensemble.py $(ENSEMBLE_ARGS)
