@@ -133,6 +133,35 @@ def test_a_non_finite_member_stops_alone(stacked, compose_cfg, tmp_path, monkeyp
     assert not both["state_dict"]["model.W_U"][1].any()  # stopped at zero, where it stays
 
 
+def test_a_stack_whose_members_all_fail_stops(compose_cfg, tmp_path, monkeypatch):
+    """Both members turn NaN at step 5: each fails alone at its guard's next check (the checkpoint of
+    step 8), and the stack then stops, as a standalone run would, instead of training zeros to the end."""
+    from train.ensemble import run_ensemble
+    from train.stacked import StackedLM
+
+    step_of = StackedLM.training_step
+    trained = []
+
+    def poisoned(self, batch, batch_idx):
+        trained.append(self.global_step)
+        if self.global_step == 5:
+            with torch.no_grad():
+                self.model.W_U.fill_(float("nan"))
+        return step_of(self, batch, batch_idx)
+
+    monkeypatch.setattr(StackedLM, "training_step", poisoned)
+    run_dir = tmp_path / "nan"
+    s = run_ensemble(compose_cfg(*ARGS, "logger=none", "trainer.enable_progress_bar=false"), run_dir, (None, "nan"),
+                     echo=lambda line: None)
+    assert [f["member"] for f in s["failed"]] == [0, 1] and s["finished"] == 0
+    assert max(trained) == 7  # the step whose update made step 8: then it stopped
+    train = pq.read_table(run_dir / "metrics" / "train.parquet").to_pandas()
+    assert train.step.max() < 8  # the rows from the NaN on are not kept
+    assert torch.load(run_dir / "checkpoints" / "stacked.ckpt", weights_only=True)["global_step"] == 4
+    member = json.loads((run_dir / "members" / "0" / "summary.json").read_text())
+    assert member["status"] == "failed" and member["steps"] < 8
+
+
 def test_a_killed_stack_resumes_bit_exactly(stacked, tmp_path):
     """SIGKILL after step 32's checkpoints; `resume=` with the same overrides continues from the stacked
     checkpoint, and both members end as the uninterrupted stack's, metric rows included."""

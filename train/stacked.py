@@ -48,11 +48,6 @@ from .probes import per_token_loss
 from .rundir import CHECKPOINTS, CONFIG, write_text
 from .stacked_members import STACKED, BatchedMeasurements, Member, MemberMeasurements, Members
 
-# On the CPU, vmap runs the fused attention kernel once per member (it has no batching rule there) and
-# says so at every step; the result is the same.
-warnings.filterwarnings("ignore", message=r".*not yet implemented the batching rule for aten::_scaled_dot_product")
-
-
 class StackedLM(InductionLM):
     """The members' parameters stacked `[member, ...]` in one model of the members' architecture."""
 
@@ -77,10 +72,13 @@ class StackedLM(InductionLM):
         """Point each member's parameters at its slice of the stack (again after a move to a device)."""
         self.alive = self.alive.to(self.device)
         stacked = dict(self.model.named_parameters())
+        buffers = dict(self.model.named_buffers())  # the rotary tables, on the stack's device and dtype
         for k, m in enumerate(self.member_models):
             for name, p in m.named_parameters():
                 p.data = stacked[name].data[k]
-            m.to(self.device)  # the buffers (rotary tables); the parameters are there already
+            for name, _ in list(m.named_buffers()):
+                owner, _, leaf = name.rpartition(".")
+                m.get_submodule(owner)._buffers[leaf] = buffers[name]
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         tokens = batch["tokens"]  # [member, batch, pos]
@@ -148,7 +146,8 @@ def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig],
     stacked_ckpt = run_dir / CHECKPOINTS / STACKED
     if cfg.resume:
         if not stacked_ckpt.exists():
-            raise ConfigError(f"resume={run_dir}: no {CHECKPOINTS}/{STACKED} (the stacked ensemble wrote no checkpoint)")
+            raise ConfigError(f"resume={run_dir}: no {CHECKPOINTS}/{STACKED} "
+                              "(the stacked ensemble wrote no checkpoint)")
         check_member_resume(member_cfgs[0], member_dir(run_dir, 0))  # the same model, data, optimizer, probes
     models = []
     for mcfg in member_cfgs:
@@ -182,8 +181,7 @@ def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig],
         checkpointer = (ScheduledCheckpoint.of(d, measure, mcfg.checkpoint, mcfg.phase, guard)
                         if mcfg.checkpoint.enabled else None)
         summary = RunSummary(d, measure, mcfg)
-        callbacks = [guard, measure, *([checkpointer] if checkpointer else []), summary]
-        members.append(Member(k, mcfg, d, callbacks, build_loggers(mcfg, d, concurrent=True), checkpointer, summary))
+        members.append(Member(k, guard, measure, checkpointer, summary, build_loggers(mcfg, d, concurrent=True)))
     data = cfg.data
     datamodule = StreamDataModule(generator, data.batch_size, tuple(m.data.seed for m in member_cfgs),
                                   data.eval_size, data.eval_seed, data.num_workers)
@@ -192,6 +190,9 @@ def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig],
     if cfg.trainer.enable_progress_bar:
         callbacks.append(StepProgressBar())
     trainer = make_trainer(cfg, run_dir, callbacks, [])
+    # On the CPU, vmap runs the fused attention kernel once per member (it has no batching rule there) and
+    # says so at every step; the result is the same.
+    warnings.filterwarnings("ignore", message=r".*not yet implemented the batching rule for aten::_scaled_dot_product")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(stacked_ckpt) if cfg.resume else None,
                     weights_only=True)

@@ -17,11 +17,11 @@ from typing import TYPE_CHECKING, Any
 
 import lightning as L
 import torch
-from omegaconf import DictConfig
 from torch import Tensor
 from torch.func import functional_call, vmap
 
-from .callbacks.checkpoint import ScheduledCheckpoint
+from .callbacks.checkpoint import FiniteGuard, ScheduledCheckpoint
+from .callbacks.measure import Measure
 from .callbacks.summary import RunSummary
 from .interventions import Interventions
 from .loggers import finish_loggers
@@ -159,17 +159,22 @@ class MemberModule:
 
 @dataclass
 class Member:
+    """One member: the callbacks of its standalone run, in their order, and its loggers."""
+
     k: int
-    cfg: DictConfig
-    run_dir: Path
-    callbacks: list[L.Callback]
-    loggers: list
+    guard: FiniteGuard
+    measure: Measure
     checkpointer: ScheduledCheckpoint | None
     summary: RunSummary
+    loggers: list
     error: str | None = None
     ended: bool = False  # failed, or its callbacks have ended
     closed: bool = False  # its callbacks torn down and loggers finished
     proxies: tuple[MemberTrainer, MemberModule] | None = field(default=None, repr=False)
+
+    @property
+    def callbacks(self) -> list[L.Callback]:
+        return [self.guard, self.measure, *([self.checkpointer] if self.checkpointer else []), self.summary]
 
 
 class Members(L.Callback):
@@ -214,7 +219,17 @@ class Members(L.Callback):
         self.saved_at = step
 
     def save_stacked(self) -> None:
-        """All members at this step, atomically: what `resume=` continues from."""
+        """All members at this step, atomically: what `resume=` continues from. First, as before a
+        member's own checkpoint, every running member's guard is checked and its rows reach the disk:
+        a member that did not checkpoint at this step (the dense checkpoints are each member's own)
+        must lose no rows on a resume from here, and no NaN may be saved as a running member."""
+        for m in self.members:
+            if not m.ended:
+                try:
+                    m.guard.check()
+                    m.measure.flush()
+                except Exception as e:
+                    self.end(m, e)
         final = self.run_dir / CHECKPOINTS / STACKED
         tmp = final.with_name(f".{STACKED}.tmp")
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +249,7 @@ class Members(L.Callback):
         """Call `hook` of every running member's callbacks (with `losses`: first the member's step
         outputs, `{"loss": losses[k]}`); a member whose callback raises ends there."""
         for m in self.members:
-            if m.ended:
+            if m.ended or m.proxies is None:  # ended, or the run failed before it started
                 continue
             trainer, module = m.proxies
             outputs = () if losses is None else ({"loss": losses[m.k]},)
@@ -249,16 +264,22 @@ class Members(L.Callback):
         from .__main__ import one_line
 
         m.error, m.ended = one_line(error), True
+        self.module.stop(m.k, self.trainer.optimizers[0])
+        if not bool(self.module.alive.any()):
+            self.trainer.should_stop = True  # as a standalone run stops: nothing is left to train
         trainer, module = m.proxies
         for cb in m.callbacks:
             try:
                 cb.on_exception(trainer, module, error)
             except Exception:
                 pass  # the member is failing already; the first error is the one reported
-        self.close(m)
-        self.module.stop(m.k, self.trainer.optimizers[0])
+        try:
+            self.close(m, "failed")
+        except Exception:
+            pass  # likewise (a logger that cannot finish): the others train on
 
-    def close(self, m: Member) -> None:
+    def close(self, m: Member, status: str = "success") -> None:
+        """Member m's callbacks torn down and its loggers finished, once."""
         if m.closed:
             return
         m.closed = True
@@ -266,7 +287,7 @@ class Members(L.Callback):
         for cb in m.callbacks:
             cb.teardown(trainer, module, "fit")
         for logger in m.loggers:
-            logger.finalize("success" if m.error is None else "failed")
+            logger.finalize(status)
         finish_loggers(m.loggers)
 
     def on_train_start(self, trainer: L.Trainer, module: StackedLM) -> None:
@@ -280,7 +301,9 @@ class Members(L.Callback):
             self.save_stacked()
 
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
-        self.each("on_train_batch_end", None, batch_idx, losses=module.member_losses)
+        # As Lightning hands a run's callbacks its loss: divided over the accumulated batches.
+        losses = module.member_losses / trainer.accumulate_grad_batches
+        self.each("on_train_batch_end", None, batch_idx, losses=losses)
         if self.saved_at == trainer.global_step:
             self.save_stacked()
 
@@ -290,7 +313,12 @@ class Members(L.Callback):
             self.save_stacked()
 
     def on_exception(self, trainer, module, exception: BaseException) -> None:
+        """The whole run failed (Ctrl-C, a full disk while writing the stacked checkpoint): every running
+        member ends as its standalone run would. (Lightning calls no `teardown` hook after this.)"""
         self.each("on_exception", exception)
+        for m in self.members:
+            if m.proxies is not None:
+                self.close(m, "failed")
 
     def teardown(self, trainer, module, stage: str) -> None:
         for m in self.members:
