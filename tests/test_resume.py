@@ -52,8 +52,10 @@ def assert_same_run(a, b, step):
         assert sa[key] == sb[key], key
 
 
+@pytest.mark.slow
 def test_two_runs_of_one_config_are_bit_identical(tmp_path):
-    """Default threads, background measurement and a loader worker: every checkpoint and every table."""
+    """Default threads, background measurement and a loader worker: every checkpoint and every table.
+    (Slow: the resume tests below compare an uninterrupted run with another run of its config too.)"""
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         proc = run_train(*SHORT, "trainer.max_steps=40", run_dir=d)
