@@ -89,8 +89,13 @@ class Attention(nn.Module):
 
     def smear(self, k: Tensor) -> Tensor:
         """Mix each key with the previous position's key; the first key is unchanged."""
-        s = torch.sigmoid(self.smear_alpha)[None, :, None, None]  # [1, head, 1, 1]
-        mixed = s * k[:, :, 1:] + (1 - s) * k[:, :, :-1]  # [batch, head, pos-1, d_head]
+        b, h, t, d = k.shape
+        s = torch.sigmoid(self.smear_alpha)[:, None]  # [head, 1]
+        # Mixed as rows of one head each, `[head, batch * (pos-1) * d_head]`: the gradient of each head's
+        # mixing weight then sums one contiguous row, in the same order whatever layout the gradient
+        # arrives in (a model alone, or a stack of models under `vmap`, train/stacked.py).
+        later, earlier = (part.transpose(0, 1).reshape(h, -1) for part in (k[:, :, 1:], k[:, :, :-1]))
+        mixed = (s * later + (1 - s) * earlier).view(h, b, t - 1, d).transpose(0, 1)
         return torch.cat([k[:, :, :1], mixed], dim=2)
 
     def forward(
