@@ -38,7 +38,8 @@ STACKED = "stacked.ckpt"
 def batch_measurements(device: torch.device) -> bool:
     """Whether the members' per-step measurements are one batched pass (`BatchedMeasurements`): on an
     accelerator, where each pass costs its kernel launches; on the CPU a loop over members is faster
-    (the batched pass took 2.5x as long for 16 quickstart members) and gives the same values."""
+    (the batched pass took 2.5x as long for 16 quickstart members) and gives the same values, where the
+    batched pass's matrix products, blocked for the stack's shapes, may round differently."""
     return device.type != "cpu"
 
 
