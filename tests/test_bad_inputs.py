@@ -70,6 +70,9 @@ ONE_KEY_CASES = {
                              "compile=True: a stacked ensemble is not compiled"),
     "stacked in fp16": (["seeds=2", "seed_execution=stacked", "trainer.precision=16-mixed"],
                         "trainer.precision=16-mixed: fp16's loss scaling would couple the members"),
+    "stacked members with their own language": (["seeds=2", "seed_execution=stacked", "data.language_seed=${seed}"],
+                                                "data.language_seed: 0 for seed 0 but 1 for seed 1; the members of a "
+                                                "stacked ensemble share one model, data generator and optimizer"),
 }
 
 # (overrides, the start of the error line after "error: ")

@@ -103,7 +103,10 @@ def test_every_model_option_stacked_is_each_model_alone(option):
     probe = torch.cat([torch.zeros(4, 1, dtype=torch.long), repeated], dim=1)
     late, early = probes.icl_positions(32)
     measurements = Measurements(probe, tokens[0], 10, late, early)
-    batched = BatchedMeasurements(measurements, stack).values(scores=True, evaluate=True)
+    measurements.max_logits = 6 * 32 * 16  # the evaluation set in chunks of 6 sequences, 2 in the batched pass
+    batched = BatchedMeasurements(measurements, stack)
+    assert batched.every_member.max_logits == 2 * 32 * 16  # all members' logits at once: the same memory
+    batched = batched.values(scores=True, evaluate=True)
     for k in range(3):
         own = measurements(stack.member_models[k], scores=True, evaluate=True)
         assert own.keys() == batched.keys()
@@ -211,6 +214,59 @@ def test_a_stack_whose_members_all_fail_stops(compose_cfg, tmp_path, monkeypatch
     assert torch.load(run_dir / "checkpoints" / "stacked.ckpt", weights_only=True)["global_step"] == 4
     member = json.loads((run_dir / "members" / "0" / "summary.json").read_text())
     assert member["status"] == "failed" and member["steps"] < 8
+
+
+def test_a_stack_stopped_by_an_error_resumes_every_member(stacked, compose_cfg, tmp_path, monkeypatch):
+    """Member 1's metrics cannot be written once (a full disk) at the last step: the whole stack stops
+    there (a member that stopped alone could not rejoin the stack), every member reports it, and
+    `resume=` continues both from the stacked checkpoint to the uninterrupted stack's ends, bit for bit."""
+    import errno
+
+    from train.ensemble import run_ensemble
+    from train.metrics_sink import MetricsSink
+
+    write, failed = MetricsSink.write_rows, []
+
+    def full_once(self, rows, *args, **kwargs):
+        path = self.tables["train"].path
+        if not failed and path.parts[-3] == "1" and rows and rows[-1].step == STEPS:
+            failed.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return write(self, rows, *args, **kwargs)
+
+    monkeypatch.setattr(MetricsSink, "write_rows", full_once)
+    run_dir = tmp_path / "full"
+    args = (*ARGS, "logger=none", "trainer.enable_progress_bar=false")
+    s = run_ensemble(compose_cfg(*args), run_dir, (None, "full"), echo=lambda line: None)
+    assert failed and s["status"] == "failed" and s["finished"] == 0
+    assert [f["member"] for f in s["failed"]] == [0, 1]
+    assert all(f"the stack stopped at step {STEPS}" in f["error"] and "No space left" in f["error"]
+               for f in s["failed"])
+    assert torch.load(run_dir / "checkpoints" / "stacked.ckpt", weights_only=True)["global_step"] == STEPS // 2
+    s = run_ensemble(compose_cfg(*args, f"resume={run_dir}"), run_dir, (None, "full"), echo=lambda line: None)
+    assert s["status"] == "finished" and s["finished"] == 2
+    for k in (0, 1):
+        assert_same_member(run_dir, stacked[0], k)
+
+
+def test_a_stack_killed_before_its_summaries_resumes_to_them(stacked, tmp_path):
+    """Killed after the stacked checkpoint of the last step, before the summaries: `resume=` has no step
+    left to train and writes every member's summary, and the ensemble's, as the run would have."""
+    import shutil
+
+    run_dir = tmp_path / "stack"
+    shutil.copytree(stacked[0], run_dir)
+    for path in [run_dir / "summary.json", *run_dir.glob("members/*/summary.json")]:
+        path.unlink()
+    proc = run_train(*ARGS, "logger=none", f"resume={run_dir}", run_dir=run_dir)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "summary.json").read_text())["finished"] == 2
+    for k in (0, 1):
+        before, after = (json.loads((d / "members" / str(k) / "summary.json").read_text())
+                         for d in (stacked[0], run_dir))
+        assert after["status"] == "finished"
+        assert {key: after[key] for key in ("steps", "tokens", "final", "phase_change", "heads")} == \
+               {key: before[key] for key in ("steps", "tokens", "final", "phase_change", "heads")}
 
 
 def test_a_killed_stack_resumes_bit_exactly(stacked, tmp_path):

@@ -260,6 +260,39 @@ def _require(ok: bool, key: str, value: Any, why: str) -> None:
         raise ConfigError(f"{key}={value}: {why}")
 
 
+def leaves(node: Any, prefix: str) -> dict[str, Any]:
+    """`{"group.key": value}` for every leaf under `node` (a config node or a plain value)."""
+    if isinstance(node, dict):
+        return {k: v for key, sub in node.items() for k, v in leaves(sub, f"{prefix}.{key}").items()}
+    return {prefix: getattr(node, "value", node)}
+
+
+# What the members of a stacked ensemble share: one model shape, one data generator (each member its
+# own stream, from `data.seed`), one optimizer and one training loop; probes, phase and checkpoints are
+# each member's own.
+STACK_SHARES = ("model", "data", "optim", "trainer")
+
+
+def check_stackable(cfg: DictConfig) -> None:
+    """One line naming the first shared key that differs between the members (a key interpolated from
+    the seed, such as `data.language_seed=${seed}`): such members can only train as processes."""
+
+    def shared(seed: int) -> dict[str, Any]:
+        member = cfg.copy()
+        member.seed = seed
+        return {key: value for group in STACK_SHARES
+                for key, value in leaves(OmegaConf.to_container(member[group], resolve=True), group).items()
+                if key != "data.seed"}
+
+    first = shared(cfg.seed)
+    for seed in range(cfg.seed + 1, cfg.seed + cfg.seeds):
+        for key, value in shared(seed).items():
+            if value != first[key]:
+                raise ConfigError(f"{key}: {first[key]} for seed {cfg.seed} but {value} for seed {seed}; the "
+                                  "members of a stacked ensemble share one model, data generator and optimizer "
+                                  "(seed_execution=processes trains them apart)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Cross-field checks; raises ConfigError naming the first bad key."""
     m, d, p, o, t = cfg.model, cfg.data, cfg.probes, cfg.optim, cfg.trainer
@@ -341,6 +374,7 @@ def validate(cfg: DictConfig) -> None:
                  "a stacked ensemble trains every member in this process; leave seed_workers unset")
         _require(str(t.precision) not in ("16", "16-mixed"), "trainer.precision", t.precision,
                  "fp16's loss scaling would couple the members of a stacked ensemble; use bf16-mixed or 32")
+        check_stackable(cfg)
     _require(cfg.logger.wandb.mode in ("offline", "online", "disabled"), "logger.wandb.mode",
              cfg.logger.wandb.mode, "expected offline, online or disabled")
     _require(cfg.logger.wandb.init_timeout > 0, "logger.wandb.init_timeout", cfg.logger.wandb.init_timeout,

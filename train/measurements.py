@@ -66,6 +66,7 @@ class Measurements:
         self.task, self.task_batch = (task, task_batch) if task_batch is not None else (None, None)
         self.probe_tokens, self.eval_tokens, self.rep_len = probe_tokens, eval_tokens, rep_len
         self.late, self.early = late, early
+        self.max_logits = 1 << 24  # the evaluation set's logits held at once (64 MiB in fp32)
         # The probe batch's score weights, computed once: both attention scores of every head in one op.
         batch, t = probe_tokens.shape
         self.score_weights = torch.stack([probes.previous_token_weights(batch, t),
@@ -104,7 +105,7 @@ class Measurements:
                 if circuits:
                     out.update({name: heads.score(name) for name in head_scores.names(costly=True)})
             if evaluate or token_losses:
-                losses = probes.eval_losses(model, self.eval_tokens, edits=edits)  # [eval, pos - 1]
+                losses = probes.eval_losses(model, self.eval_tokens, self.max_logits, edits)  # [eval, pos - 1]
                 if evaluate:
                     out.update(self.eval_values(losses))
                 if token_losses:

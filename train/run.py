@@ -18,7 +18,7 @@ from .callbacks.checkpoint import FiniteGuard, ScheduledCheckpoint, last_checkpo
 from .callbacks.measure import Measure
 from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
-from .config import validate
+from .config import leaves, validate
 from .ensemble_summary import is_ensemble
 from .errors import ConfigError, RunError
 from .interventions import Interventions
@@ -36,13 +36,6 @@ RESUME_MUST_MATCH = ("model", "data", "optim", "probes", "seed", "compile", "int
 # Keys that change how a run is computed or written, not what: a resumed run may set them anew.
 FREE_ON_RESUME = ("data.num_workers", "probes.background", "probes.flush_every_n_steps",
                   "probes.heatmap_every_n_steps")
-
-
-def leaves(node: Any, prefix: str) -> dict[str, Any]:
-    """`{"group.key": value}` for every leaf under `node` (a config node or a plain value)."""
-    if isinstance(node, dict):
-        return {k: v for key, sub in node.items() for k, v in leaves(sub, f"{prefix}.{key}").items()}
-    return {prefix: getattr(node, "value", node)}
 
 
 def check_resume(cfg: DictConfig, run_dir: Path) -> Path:

@@ -14,8 +14,8 @@ gradients turn non-finite stops alone: its callbacks end as a failed run's do, a
 optimizer state are set to zero, where zero gradients keep them. `RUN_DIR/checkpoints/stacked.ckpt`
 holds all members at the last checkpointed step; `resume=RUN_DIR` continues from it.
 
-On the CPU each member is bit-identical to the standalone run of its seed with the same thread count
-(tests/test_stacked.py).
+On the CPU, in float32, each member is bit-identical to the standalone run of its seed with the same
+thread count (tests/test_stacked.py); under bf16 autocast the stacked kernels round differently.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
 from .data.datamodule import StreamDataModule
 from .ensemble_summary import member_dir
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 from .loggers import build_loggers, finish_loggers
 from .measurements import Cadence, Measurements
 from .metrics_sink import MetricsSink
@@ -196,6 +196,13 @@ def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig],
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(stacked_ckpt) if cfg.resume else None,
                     weights_only=True)
+    except (ConfigError, RunError):
+        raise
+    except Exception as e:  # the whole stack stopped: each member that was training reports it
+        from .__main__ import one_line
+
+        stopped = f"the stack stopped at step {trainer.global_step} ({one_line(e)}); resume= continues it"
+        return {m.k: m.error or stopped for m in members}
     finally:
         for m in members:
             if not m.closed:

@@ -10,6 +10,7 @@ in one pass on an accelerator.
 
 from __future__ import annotations
 
+import copy
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.func import functional_call, vmap
 from .callbacks.checkpoint import FiniteGuard, ScheduledCheckpoint
 from .callbacks.measure import Measure
 from .callbacks.summary import RunSummary
+from .errors import NonFiniteLoss
 from .interventions import Interventions
 from .loggers import finish_loggers
 from .measurements import Measurements
@@ -63,6 +65,14 @@ class BatchedMeasurements:
     def __init__(self, measurements: Measurements, stacked: StackedLM):
         self.measurements, self.stacked = measurements, stacked
         self.cache: tuple[tuple, dict[str, Tensor]] | None = None
+        self.to(measurements.probe_tokens.device)
+
+    def to(self, device: torch.device) -> "BatchedMeasurements":
+        self.measurements.to(device)
+        # The pass holds every member's logits at once: the evaluation set in chunks of 1/N the size.
+        self.every_member = copy.copy(self.measurements)
+        self.every_member.max_logits = max(1, self.measurements.max_logits // self.stacked.n)
+        return self
 
     def values(self, scores: bool, evaluate: bool) -> dict[str, Tensor]:
         key = (self.stacked.global_step, scores, evaluate)
@@ -71,7 +81,7 @@ class BatchedMeasurements:
             params = {name: p.detach() for name, p in model.named_parameters()}
 
             def measure(p: dict[str, Tensor]) -> dict[str, Tensor]:
-                return self.measurements(MemberCall(model, p), scores=scores, evaluate=evaluate)
+                return self.every_member(MemberCall(model, p), scores=scores, evaluate=evaluate)
 
             self.cache = key, vmap(measure)(params)
         return self.cache[1]
@@ -87,7 +97,7 @@ class MemberMeasurements:
         return getattr(self.batched.measurements, name)
 
     def to(self, device: torch.device) -> "MemberMeasurements":
-        self.batched.measurements.to(device)
+        self.batched.to(device)
         return self
 
     def __call__(self, model, scores: bool = True, evaluate: bool = False, circuits: bool = False,
@@ -180,8 +190,8 @@ class Member:
 
 class Members(L.Callback):
     """Every member's callbacks, as its standalone run has them, called at each of Lightning's hooks
-    with the member's views of the trainer and the module. A member's callback that raises (a non-finite
-    loss, a full disk) ends that member as the exception would end its standalone run; the others go on.
+    with the member's views of the trainer and the module. A member whose loss or gradients turn
+    non-finite ends as its standalone run would; the others go on. Any other error stops the stack.
     After every step at which a member wrote a checkpoint, the stacked checkpoint is written too."""
 
     def __init__(self, members: list[Member], run_dir: Path):
@@ -228,9 +238,10 @@ class Members(L.Callback):
             if not m.ended:
                 try:
                     m.guard.check()
-                    m.measure.flush()
-                except Exception as e:
+                except NonFiniteLoss as e:
                     self.end(m, e)
+                    continue
+                m.measure.flush()
         final = self.run_dir / CHECKPOINTS / STACKED
         tmp = final.with_name(f".{STACKED}.tmp")
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -248,7 +259,9 @@ class Members(L.Callback):
     # --- fan-out ---------------------------------------------------------------------------------
     def each(self, hook: str, *args: Any, losses: Tensor | None = None) -> None:
         """Call `hook` of every running member's callbacks (with `losses`: first the member's step
-        outputs, `{"loss": losses[k]}`); a member whose callback raises ends there."""
+        outputs, `{"loss": losses[k]}`). A member whose loss or gradients turned non-finite ends there;
+        any other error (a full disk, a logger, memory) stops the whole stack, which `resume=` continues
+        for every member from the stacked checkpoint (a member that failed alone could not rejoin it)."""
         for m in self.members:
             if m.ended or m.proxies is None:  # ended, or the run failed before it started
                 continue
@@ -257,7 +270,7 @@ class Members(L.Callback):
             try:
                 for cb in m.callbacks:
                     getattr(cb, hook)(trainer, module, *outputs, *args)
-            except Exception as e:
+            except NonFiniteLoss as e:
                 self.end(m, e)
 
     def end(self, m: Member, error: BaseException) -> None:
@@ -291,12 +304,15 @@ class Members(L.Callback):
             logger.finalize(status)
         finish_loggers(m.loggers)
 
-    def on_train_start(self, trainer: L.Trainer, module: StackedLM) -> None:
+    def attach(self, trainer: L.Trainer, module: StackedLM) -> None:
         self.trainer, self.module = trainer, module
         module.bind_members()
         for m in self.members:
             mt = MemberTrainer(self, m.k, trainer, m.loggers)
             m.proxies = mt, MemberModule(module, m.k, mt)
+
+    def on_train_start(self, trainer: L.Trainer, module: StackedLM) -> None:
+        self.attach(trainer, module)
         self.each("on_train_start")
         if self.saved_at == trainer.global_step:
             self.save_stacked()
@@ -313,13 +329,29 @@ class Members(L.Callback):
         if self.saved_at == trainer.global_step:
             self.save_stacked()
 
+    def on_fit_end(self, trainer, module) -> None:
+        if self.trainer is None:  # resumed at the last step: no training hooks ran (RunSummary.on_fit_end)
+            self.attach(trainer, module)
+        self.each("on_fit_end")
+
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         """The whole run failed (Ctrl-C, a full disk while writing the stacked checkpoint): every running
         member ends as its standalone run would. (Lightning calls no `teardown` hook after this.)"""
-        self.each("on_exception", exception)
+        for m in self.members:
+            if m.ended or m.proxies is None:
+                continue
+            trainer, module = m.proxies
+            for cb in m.callbacks:
+                try:
+                    cb.on_exception(trainer, module, exception)
+                except Exception:
+                    pass  # the run is failing already; its first error is the one reported
         for m in self.members:
             if m.proxies is not None:
-                self.close(m, "failed")
+                try:
+                    self.close(m, "failed")
+                except Exception:
+                    pass  # likewise
 
     def teardown(self, trainer, module, stage: str) -> None:
         for m in self.members:

@@ -87,6 +87,13 @@ class RunSummary(L.Callback):
                 experiment.summary["n_induction_heads"] = len(summary["induction_heads"])
                 experiment.summary["final_icl_score"] = summary["final"]["icl_score"]
 
+    def on_fit_end(self, trainer, module) -> None:
+        # A run resumed from the checkpoint of its last step (killed before it wrote this summary) has
+        # nothing left to train, and Lightning then calls no training hooks: the summary is written here.
+        if trainer.is_global_zero and self.summary is None:
+            self.measure.sink.load(up_to_step=trainer.global_step)
+            self.on_train_end(trainer, module)
+
     def on_exception(self, trainer, module, exception: BaseException) -> None:
         if trainer.is_global_zero:
             self.write(module, "failed", f"{type(exception).__name__}: {exception}")
