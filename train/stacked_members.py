@@ -281,16 +281,21 @@ class Members(L.Callback):
         self.module.stop(m.k, self.trainer.optimizers[0])
         if not bool(self.module.alive.any()):
             self.trainer.should_stop = True  # as a standalone run stops: nothing is left to train
+        self.fail(m, error)
+
+    def fail(self, m: Member, error: BaseException) -> None:
+        """Member m's callbacks see `error` as its standalone run's would; its loggers finish as failed.
+        What fails in the meantime is left unreported: the first error is the one reported."""
         trainer, module = m.proxies
         for cb in m.callbacks:
             try:
                 cb.on_exception(trainer, module, error)
             except Exception:
-                pass  # the member is failing already; the first error is the one reported
+                pass
         try:
             self.close(m, "failed")
         except Exception:
-            pass  # likewise (a logger that cannot finish): the others train on
+            pass  # a logger that cannot finish: the others go on
 
     def close(self, m: Member, status: str = "success") -> None:
         """Member m's callbacks torn down and its loggers finished, once."""
@@ -338,20 +343,8 @@ class Members(L.Callback):
         """The whole run failed (Ctrl-C, a full disk while writing the stacked checkpoint): every running
         member ends as its standalone run would. (Lightning calls no `teardown` hook after this.)"""
         for m in self.members:
-            if m.ended or m.proxies is None:
-                continue
-            trainer, module = m.proxies
-            for cb in m.callbacks:
-                try:
-                    cb.on_exception(trainer, module, exception)
-                except Exception:
-                    pass  # the run is failing already; its first error is the one reported
-        for m in self.members:
-            if m.proxies is not None:
-                try:
-                    self.close(m, "failed")
-                except Exception:
-                    pass  # likewise
+            if m.proxies is not None and not m.ended:
+                self.fail(m, exception)
 
     def teardown(self, trainer, module, stage: str) -> None:
         for m in self.members:
