@@ -396,6 +396,8 @@ CLI_CASES = {
     "hydra: unknown key": (["model.n_layer=2"], 2, "model.n_layer: "),
     "hydra: wrong type": (["model.n_layers=two"], 2, "model.n_layers: "),
     "validate: impossible shape": (["model.d_model=65"], 2, "model.d_model=65: "),
+    "ensemble: stacked members apart": (["seeds=2", "seed_execution=stacked", "data.language_seed=${{seed}}"], 2,
+                                        "data.language_seed: 0 for seed 0 but 1 for seed 1"),
     "resume: missing directory": pytest.param(["resume={run}"], 2, "resume={run}: not a run directory",
                                               marks=pytest.mark.slow),
     "unwritable run directory": ([], 1, "{run}: {why}"),

@@ -81,9 +81,9 @@ def main(cfg: DictConfig) -> None:
 
     hc = HydraConfig.get()
     run_dir = Path(hc.runtime.output_dir)
-    if cfg.seeds > 1:
-        return main_ensemble(cfg, run_dir, hc)
     try:
+        if cfg.seeds > 1:
+            return main_ensemble(cfg, run_dir, hc)
         summary = run(cfg, run_dir)
     except Exception as e:
         if hc.mode == RunMode.MULTIRUN:
@@ -118,14 +118,7 @@ def main_ensemble(cfg: DictConfig, run_dir: Path, hc) -> None:
         group = f"{group}/{name}"
     elif group in (None, cfg.experiment_name):
         group = run_dir.name
-    try:
-        summary = run_ensemble(cfg, run_dir, (group, name))
-    except (ConfigError, RunError) as e:
-        if FULL_ERROR:
-            raise
-        remove_unstarted(run_dir)
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    summary = run_ensemble(cfg, run_dir, (group, name))  # its errors: as a run's, in `main`
     print(report(summary, run_dir))
     if summary["status"] != "finished" and hc.mode != RunMode.MULTIRUN:
         sys.exit(1)  # in a sweep, the sweep summary lists the failed members and exits non-zero
