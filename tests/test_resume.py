@@ -4,6 +4,7 @@ of 2N steps equals a run of N steps resumed for N more, even after SIGKILL at ra
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -79,20 +80,24 @@ def test_resume_is_bit_identical(tmp_path):
     assert_same_run(full, half, 60)
 
 
-def test_a_run_killed_before_its_summary_resumes_to_it(tmp_path):
+def test_a_run_killed_before_its_summary_resumes_to_it(quickstart_run, tmp_path):
     """Killed after its last checkpoint, before it wrote summary.json: `resume=` has no step left to
     train (Lightning runs no training hooks then) and writes the summary the run would have written."""
     run = tmp_path / "run"
-    assert run_train(*SHORT, "trainer.max_steps=20", run_dir=run).returncode == 0
+    shutil.copytree(quickstart_run, run)
     before = json.loads((run / "summary.json").read_text())
     (run / "summary.json").unlink()
-    proc = run_train(*SHORT, "trainer.max_steps=20", f"resume={run}", run_dir=run)
+    args = ("logger=none", "trainer.max_steps=1000", f"resume={run}")  # as quickstart_run was trained
+    proc = run_train(*args, run_dir=run)
     assert proc.returncode == 0, proc.stderr[-2000:]
     after = json.loads((run / "summary.json").read_text())
-    assert after["status"] == "finished" and after["steps"] == 20
+    assert after["status"] == "finished" and after["steps"] == 1000 and after["phase_change"]
     assert {k: after[k] for k in ("tokens", "final", "phase_change", "heads")} == \
            {k: before[k] for k in ("tokens", "final", "phase_change", "heads")}
     assert "final ICL score" in proc.stdout
+    # A finished run resumed again keeps its summary (its wall time, its device).
+    assert run_train(*args, run_dir=run).returncode == 0
+    assert json.loads((run / "summary.json").read_text()) == after
 
 
 def test_resume_in_another_environment_warns_in_one_line(tmp_path):

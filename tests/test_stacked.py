@@ -240,8 +240,8 @@ def test_a_stack_stopped_by_an_error_resumes_every_member(stacked, compose_cfg, 
     s = run_ensemble(compose_cfg(*args), run_dir, (None, "full"), echo=lambda line: None)
     assert failed and s["status"] == "failed" and s["finished"] == 0
     assert [f["member"] for f in s["failed"]] == [0, 1]
-    assert all(f"the stack stopped at step {STEPS}" in f["error"] and "No space left" in f["error"]
-               for f in s["failed"])
+    assert all(f["error"].startswith(f"the stack stopped at step {STEPS} (") and "No space left" in f["error"]
+               and f["error"].endswith(f"resume= continues it from step {STEPS // 2}") for f in s["failed"])
     assert torch.load(run_dir / "checkpoints" / "stacked.ckpt", weights_only=True)["global_step"] == STEPS // 2
     s = run_ensemble(compose_cfg(*args, f"resume={run_dir}"), run_dir, (None, "full"), echo=lambda line: None)
     assert s["status"] == "finished" and s["finished"] == 2

@@ -7,6 +7,7 @@ lengths) with the same one-line style.
 
 from __future__ import annotations
 
+import copy
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -277,17 +278,17 @@ def check_stackable(cfg: DictConfig) -> None:
     """One line naming the first shared key that differs between the members (a key interpolated from
     the seed, such as `data.language_seed=${seed}`): such members can only train as processes."""
 
-    def shared(seed: int) -> dict[str, Any]:
-        member = cfg.copy()
-        member.seed = seed
+    def shared(member: DictConfig) -> dict[str, Any]:
         return {key: value for group in STACK_SHARES
                 for key, value in leaves(OmegaConf.to_container(member[group], resolve=True), group).items()
                 if key != "data.seed"}
 
-    first = shared(cfg.seed)
+    first = shared(cfg)  # resolvers such as ${now:...} resolve once here; the copies keep their values
     for seed in range(cfg.seed + 1, cfg.seed + cfg.seeds):
-        for key, value in shared(seed).items():
-            if value != first[key]:
+        member = copy.deepcopy(cfg)
+        member.seed = seed
+        for key, value in shared(member).items():
+            if str(value) != str(first[key]):
                 raise ConfigError(f"{key}: {first[key]} for seed {cfg.seed} but {value} for seed {seed}; the "
                                   "members of a stacked ensemble share one model, data generator and optimizer "
                                   "(seed_execution=processes trains them apart)")

@@ -21,6 +21,7 @@ thread count (tests/test_stacked.py); under bf16 autocast the stacked kernels ro
 from __future__ import annotations
 
 import copy
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -38,7 +39,7 @@ from .callbacks.progress import StepProgressBar
 from .callbacks.summary import RunSummary
 from .data.datamodule import StreamDataModule
 from .ensemble_summary import member_dir
-from .errors import ConfigError, RunError
+from .errors import ConfigError
 from .loggers import build_loggers, finish_loggers
 from .measurements import Cadence, Measurements
 from .metrics_sink import MetricsSink
@@ -196,12 +197,15 @@ def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig],
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(stacked_ckpt) if cfg.resume else None,
                     weights_only=True)
-    except (ConfigError, RunError):
-        raise
-    except Exception as e:  # the whole stack stopped: each member that was training reports it
-        from .__main__ import one_line
+    except (OSError, torch.OutOfMemoryError) as e:  # the whole stack stopped: each member reports it
+        from .__main__ import FULL_ERROR, one_line
 
-        stopped = f"the stack stopped at step {trainer.global_step} ({one_line(e)}); resume= continues it"
+        logging.getLogger(__name__).exception("the stack stopped")
+        if FULL_ERROR:
+            raise
+        stopped = f"the stack stopped at step {trainer.global_step} ({one_line(e)})"
+        if stacked_ckpt.exists():
+            stopped += f"; resume= continues it from step {torch.load(stacked_ckpt, weights_only=True, mmap=True)['global_step']}"
         return {m.k: m.error or stopped for m in members}
     finally:
         for m in members:

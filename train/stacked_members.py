@@ -260,7 +260,7 @@ class Members(L.Callback):
     def each(self, hook: str, *args: Any, losses: Tensor | None = None) -> None:
         """Call `hook` of every running member's callbacks (with `losses`: first the member's step
         outputs, `{"loss": losses[k]}`). A member whose loss or gradients turned non-finite ends there;
-        any other error (a full disk, a logger, memory) stops the whole stack, which `resume=` continues
+        any other error (a full disk, memory) stops the whole stack, which `resume=` continues
         for every member from the stacked checkpoint (a member that failed alone could not rejoin it)."""
         for m in self.members:
             if m.ended or m.proxies is None:  # ended, or the run failed before it started

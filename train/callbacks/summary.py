@@ -11,7 +11,7 @@ import numpy as np
 
 from ..environment import environment
 from ..phase import classify_heads, detect_phase_change
-from ..rundir import SUMMARY, write_json
+from ..rundir import SUMMARY, read_json, write_json
 from .measure import Measure
 
 
@@ -59,6 +59,7 @@ class RunSummary(L.Callback):
         self.run_dir, self.measure, self.cfg = Path(run_dir), measure, cfg
         self.started = time.time()
         self.summary: dict | None = None
+        self.device = None  # where the run trains: read before Lightning's teardown moves the model off it
 
     def write(self, module, status: str, error: str | None = None) -> dict:
         m = self.cfg.model
@@ -66,7 +67,7 @@ class RunSummary(L.Callback):
         if module.interventions:
             summary["interventions"] = module.interventions.describe()
         summary["wall_time_s"] = round(time.time() - self.started, 1)
-        summary["environment"] = environment(module.device)
+        summary["environment"] = environment(self.device or module.device)
         if module.environment_changes:
             summary["environment_changes_on_resume"] = module.environment_changes
         if error:
@@ -88,9 +89,12 @@ class RunSummary(L.Callback):
                 experiment.summary["final_icl_score"] = summary["final"]["icl_score"]
 
     def on_fit_end(self, trainer, module) -> None:
-        # A run resumed from the checkpoint of its last step (killed before it wrote this summary) has
-        # nothing left to train, and Lightning then calls no training hooks: the summary is written here.
-        if trainer.is_global_zero and self.summary is None:
+        # A run resumed from the checkpoint of its last step has nothing left to train, and Lightning
+        # then calls no training hooks: if it was killed before writing its summary, it is written here.
+        path = self.run_dir / SUMMARY
+        if trainer.is_global_zero and self.summary is None and not (
+                path.exists() and read_json(path).get("status") == "finished"):
+            self.device = trainer.strategy.root_device
             self.measure.sink.load(up_to_step=trainer.global_step)
             self.on_train_end(trainer, module)
 
