@@ -1,6 +1,7 @@
 """Sweeps: every job its own run directory and finished W&B run, failures isolated, a summary table."""
 
 import pytest
+import shutil
 import subprocess
 import sys
 
@@ -48,23 +49,32 @@ def test_joblib_sweep(tmp_path):
     check_four_jobs(tmp_path / "sweep")
 
 
-def test_a_failing_job_does_not_stop_the_sweep(tmp_path):
+@pytest.fixture(scope="module")
+def failing_sweep(tmp_path_factory):
+    """Three learning rates, the middle one diverging."""
+    tmp_path = tmp_path_factory.mktemp("failing")
     proc = sweep(tmp_path, "logger=none", "probes.flush_every_n_steps=2", "optim.lr=5e-3,1e30,1e-3")
+    return tmp_path / "sweep", proc
+
+
+def test_a_failing_job_does_not_stop_the_sweep(failing_sweep):
+    sweep_dir, proc = failing_sweep
     assert proc.returncode == 1
-    table = pq.read_table(tmp_path / "sweep" / "sweep_summary.parquet").to_pandas()
+    table = pq.read_table(sweep_dir / "sweep_summary.parquet").to_pandas()
     assert table.status.tolist() == ["finished", "failed", "finished"]
     assert "non-finite" in table.error[1]
     assert "job 1" in proc.stdout and "failed" in proc.stdout
 
 
-def test_sweep_summary_on_demand(tmp_path):
-    proc = sweep(tmp_path, "logger=none", "model.n_heads=2,4")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    (tmp_path / "sweep" / "sweep_summary.parquet").unlink()
-    out = subprocess.run([sys.executable, "-m", "analysis", "sweep", str(tmp_path / "sweep")], cwd=ROOT,
+def test_sweep_summary_on_demand(failing_sweep, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    shutil.copytree(failing_sweep[0], sweep_dir)
+    (sweep_dir / "sweep_summary.parquet").unlink()
+    out = subprocess.run([sys.executable, "-m", "analysis", "sweep", str(sweep_dir)], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert len(pq.read_table(tmp_path / "sweep" / "sweep_summary.parquet")) == 2
+    table = pq.read_table(sweep_dir / "sweep_summary.parquet").to_pandas()
+    assert table.status.tolist() == ["finished", "failed", "finished"]
     bad = subprocess.run([sys.executable, "-m", "analysis", "sweep", str(tmp_path / "nope")], cwd=ROOT,
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.startswith("error: ") and "nope" in bad.stderr
