@@ -101,18 +101,22 @@ def test_a_run_killed_before_its_summary_resumes_to_it(quickstart_run, tmp_path)
 
 
 def test_resume_in_another_environment_warns_in_one_line(tmp_path):
+    """A resumed process whose recorded environment differs (here the cuBLAS workspace setting, which
+    leaves a CPU run's arithmetic and thread count as users have them) says so in one line and records it."""
     run = tmp_path / "run"
     assert run_train(*SHORT, "trainer.max_steps=4", run_dir=run).returncode == 0
-    threads = torch.get_num_threads()
-    other = 1 if threads > 1 else 2  # the one test that sets threads: a changed environment is its subject
+    saved = json.loads((run / "summary.json").read_text())["environment"]["cublas_workspace_config"]
+    other = ":16:8" if saved != ":16:8" else ":4096:8"
     proc = run_train(*SHORT, "trainer.max_steps=8", f"resume={run}", run_dir=run,
-                     env={"OMP_NUM_THREADS": str(other)})
+                     env={"CUBLAS_WORKSPACE_CONFIG": other})
     assert proc.returncode == 0, proc.stderr[-2000:]
+    change = f"cublas_workspace_config {saved} -> {other}"
     warnings = [line for line in proc.stderr.splitlines() if line.startswith("warning: resumed")]
-    assert len(warnings) == 1 and f"threads {threads} -> {other}" in warnings[0], proc.stderr
+    assert len(warnings) == 1 and change in warnings[0], proc.stderr
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["environment"]["threads"] == other
-    assert f"threads {threads} -> {other}" in summary["environment_changes_on_resume"]
+    assert summary["environment"]["cublas_workspace_config"] == other
+    assert summary["environment"]["threads"] == torch.get_num_threads()
+    assert change in summary["environment_changes_on_resume"]
 
 
 def kill_and_resume(run_dir, overrides, kill_points, rng):
