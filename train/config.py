@@ -283,9 +283,9 @@ def check_stackable(cfg: DictConfig) -> None:
                 for key, value in leaves(OmegaConf.to_container(member[group], resolve=True), group).items()
                 if key != "data.seed"}
 
-    first = shared(cfg)  # resolvers such as ${now:...} resolve once here; the copies keep their values
+    first = shared(cfg)  # resolvers such as ${now:...} resolve once here; the copy keeps their values
+    member = copy.deepcopy(cfg)
     for seed in range(cfg.seed + 1, cfg.seed + cfg.seeds):
-        member = copy.deepcopy(cfg)
         member.seed = seed
         for key, value in shared(member).items():
             if str(value) != str(first[key]):

@@ -205,7 +205,8 @@ def train_stacked(cfg: DictConfig, run_dir: Path, member_cfgs: list[DictConfig],
             raise
         stopped = f"the stack stopped at step {trainer.global_step} ({one_line(e)})"
         if stacked_ckpt.exists():
-            stopped += f"; resume= continues it from step {torch.load(stacked_ckpt, weights_only=True, mmap=True)['global_step']}"
+            step = torch.load(stacked_ckpt, weights_only=True, mmap=True)["global_step"]
+            stopped += f"; resume= continues it from step {step}"
         return {m.k: m.error or stopped for m in members}
     finally:
         for m in members:
